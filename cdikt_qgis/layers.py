@@ -1,0 +1,234 @@
+"""Turn an engine result into styled QGIS layers (main thread only).
+
+Styling is done in code rather than .qml files so the colour range follows each heatmap's own
+score range (cosine similarities cluster tightly, so a fixed -1..1 ramp would look flat) and
+so render.py can style layers identically without a project.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qgis.core import (
+    QgsColorRampShader,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeatureRequest,
+    QgsFillSymbol,
+    QgsGradientColorRamp,
+    QgsGradientStop,
+    QgsLayerTreeGroup,
+    QgsPalLayerSettings,
+    QgsProject,
+    QgsRasterBandStats,
+    QgsRasterLayer,
+    QgsRasterShader,
+    QgsRectangle,
+    QgsRuleBasedRenderer,
+    QgsSingleBandPseudoColorRenderer,
+    QgsTextBufferSettings,
+    QgsTextFormat,
+    QgsVectorLayer,
+    QgsVectorLayerSimpleLabeling,
+)
+from qgis.PyQt.QtGui import QColor
+
+if TYPE_CHECKING:
+    from qgis.gui import QgsMapCanvas
+
+GEOJSON_PROPERTY = "cdikt/geojson_path"
+"""Custom layer property: the engine's RFC 7946 GeoJSON behind a candidates layer."""
+
+HEATMAP_OPACITY = 0.6
+
+# Viridis, sampled at 9 stops: perceptually uniform and readable by colour-blind users.
+_VIRIDIS = ("#440154", "#472d7b", "#3b528b", "#2c728e", "#21918c", "#28ae80", "#5ec962", "#addc30", "#fde725")
+
+BEST_COLOUR = "#ff2d20"
+OTHER_COLOUR = "#ff9f1c"
+TRUTH_COLOUR = "#ff00ff"
+
+
+def _ramp() -> QgsGradientColorRamp:
+    stops = [QgsGradientStop(i / (len(_VIRIDIS) - 1), QColor(c)) for i, c in enumerate(_VIRIDIS[1:-1], 1)]
+    return QgsGradientColorRamp(QColor(_VIRIDIS[0]), QColor(_VIRIDIS[-1]), False, stops)
+
+
+def score_range(layer: QgsRasterLayer) -> tuple[float, float]:
+    """Min and max of band 1 over valid cells (nodata excluded by the provider)."""
+    stats = layer.dataProvider().bandStatistics(1, QgsRasterBandStats.Min | QgsRasterBandStats.Max,
+                                               layer.extent(), 0)
+    lo, hi = float(stats.minimumValue), float(stats.maximumValue)
+    if not (lo == lo and hi == hi) or lo > hi:  # NaN or no valid cell at all
+        lo, hi = 0.0, 1.0
+    if hi - lo < 1e-9:  # a constant heatmap still needs a non-empty ramp
+        lo, hi = lo - 0.5e-3, hi + 0.5e-3
+    return lo, hi
+
+
+def style_heatmap(layer: QgsRasterLayer,
+                  opacity: float = HEATMAP_OPACITY) -> QgsSingleBandPseudoColorRenderer:
+    """Pseudocolour the similarity band from its own min..max; nodata stays transparent."""
+    provider = layer.dataProvider()
+    provider.setUseSourceNoDataValue(1, True)
+    lo, hi = score_range(layer)
+    ramp = _ramp()
+    shader_fn = QgsColorRampShader(lo, hi)
+    shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
+    shader_fn.setSourceColorRamp(ramp.clone())
+    n = len(_VIRIDIS)
+    items = []
+    for i in range(n):
+        value = lo + (hi - lo) * i / (n - 1)
+        items.append(QgsColorRampShader.ColorRampItem(value, ramp.color(i / (n - 1)), f"{value:.3f}"))
+    shader_fn.setColorRampItemList(items)
+    shader = QgsRasterShader(lo, hi)
+    shader.setRasterShaderFunction(shader_fn)
+    renderer = QgsSingleBandPseudoColorRenderer(provider, 1, shader)
+    renderer.setClassificationMin(lo)
+    renderer.setClassificationMax(hi)
+    renderer.setOpacity(opacity)
+    layer.setRenderer(renderer)
+    layer.triggerRepaint()
+    return renderer
+
+
+def _outline(colour: str, width_mm: float, dashed: bool = False) -> QgsFillSymbol:
+    return QgsFillSymbol.createSimple({
+        "style": "no", "outline_color": colour, "outline_width": f"{width_mm}",
+        "outline_width_unit": "MM", "outline_style": "dash" if dashed else "solid", "joinstyle": "miter",
+    })
+
+
+def style_candidates(layer: QgsVectorLayer) -> None:
+    """Outline-only footprints labelled by rank; rank 1 thicker and red so it reads first."""
+    fields = layer.fields().names()
+    has_rank = "rank" in fields
+    root = QgsRuleBasedRenderer.Rule(None)
+    if has_rank:
+        others = QgsRuleBasedRenderer.Rule(_outline(OTHER_COLOUR, 0.5), 0, 0, "ELSE", "Other candidates")
+        best = QgsRuleBasedRenderer.Rule(_outline(BEST_COLOUR, 1.0), 0, 0, '"rank" = 1', "Best match")
+        root.appendChild(best)
+        root.appendChild(others)
+    else:
+        root.appendChild(QgsRuleBasedRenderer.Rule(_outline(BEST_COLOUR, 0.7), 0, 0, "", "Candidates"))
+    renderer = QgsRuleBasedRenderer(root)
+    if has_rank:  # worst first, so the best match's outline lies on top where footprints touch
+        renderer.setOrderBy(QgsFeatureRequest.OrderBy([QgsFeatureRequest.OrderByClause('"rank"', False)]))
+        renderer.setOrderByEnabled(True)
+    layer.setRenderer(renderer)
+
+    text = QgsTextFormat()
+    text.setSize(10)
+    text.setColor(QColor("white"))
+    font = text.font()
+    font.setBold(True)
+    text.setFont(font)
+    buffer = QgsTextBufferSettings()
+    buffer.setEnabled(True)
+    buffer.setSize(1.0)
+    buffer.setColor(QColor("black"))
+    text.setBuffer(buffer)
+    pal = QgsPalLayerSettings()
+    pal.fieldName = "'#' || \"rank\"" if has_rank else "'#' || ($id)"
+    pal.isExpression = True
+    pal.setFormat(text)
+    pal.placement = QgsPalLayerSettings.OverPoint
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(pal))
+    layer.setLabelsEnabled(True)
+    layer.triggerRepaint()
+
+
+def style_truth(layer: QgsVectorLayer) -> None:
+    """The known true footprint (demo/evaluation only), dashed magenta to stand apart."""
+    root = QgsRuleBasedRenderer.Rule(None)
+    root.appendChild(QgsRuleBasedRenderer.Rule(_outline(TRUTH_COLOUR, 0.8, dashed=True), 0, 0, "", "Truth"))
+    layer.setRenderer(QgsRuleBasedRenderer(root))
+
+
+def heatmap_layer(path: str, name: str = "Similarity") -> QgsRasterLayer:
+    layer = QgsRasterLayer(path, name, "gdal")
+    if not layer.isValid():
+        raise ValueError(f"QGIS cannot open the heatmap {path}")
+    style_heatmap(layer)
+    return layer
+
+
+def candidates_layer(path: str, name: str = "Candidates", geojson_path: str | None = None) -> QgsVectorLayer:
+    layer = QgsVectorLayer(path, name, "ogr")
+    if not layer.isValid():
+        raise ValueError(f"QGIS cannot open the candidates {path}")
+    style_candidates(layer)
+    if geojson_path:
+        layer.setCustomProperty(GEOJSON_PROPERTY, geojson_path)
+    return layer
+
+
+def add_result_layers(result: Any, project: QgsProject | None = None,
+                      canvas: QgsMapCanvas | None = None) -> QgsLayerTreeGroup:
+    """Add a LocateResult's heatmap and candidates in a group named after the photo; zoom to rank 1."""
+    project = project or QgsProject.instance()
+    heat = heatmap_layer(result.heatmap_path, "Similarity")
+    cands = candidates_layer(result.gpkg_path, "Candidates", result.geojson_path)
+    root = project.layerTreeRoot()
+    group = root.insertGroup(0, Path(result.photo).name)
+    for layer in (cands, heat):  # candidates above the heatmap
+        project.addMapLayer(layer, False)
+        group.addLayer(layer)
+    if canvas is not None and result.candidates:
+        zoom_to_candidate(canvas, result.candidates[0].polygon, result.crs_wkt, project)
+    return group
+
+
+def zoom_to_candidate(canvas: QgsMapCanvas, polygon: list[tuple[float, float]], crs_wkt: str,
+                      project: QgsProject | None = None, context_factor: float = 4.0) -> QgsRectangle:
+    """Centre the canvas on a footprint with some surroundings, whatever the canvas CRS."""
+    xs = [p[0] for p in polygon]
+    ys = [p[1] for p in polygon]
+    rect = QgsRectangle(min(xs), min(ys), max(xs), max(ys))
+    src = QgsCoordinateReferenceSystem.fromWkt(crs_wkt)
+    dst = canvas.mapSettings().destinationCrs()
+    if dst.isValid() and src.isValid() and dst != src:
+        xform = QgsCoordinateTransform(src, dst, project or QgsProject.instance())
+        rect = xform.transformBoundingBox(rect)
+    rect.scale(context_factor)
+    canvas.setExtent(rect)
+    canvas.refresh()
+    return rect
+
+
+def export_candidates(layer_or_result: Any, path: str | os.PathLike[str]) -> str:
+    """Copy the engine's RFC 7946 GeoJSON to ``path``; the plugin never re-encodes geometry.
+
+    Accepts a LocateResult (anything with ``geojson_path``) or a candidates layer this plugin
+    added (it remembers the GeoJSON in a custom property). The copy is atomic.
+    """
+    if isinstance(layer_or_result, QgsVectorLayer):
+        source = layer_or_result.customProperty(GEOJSON_PROPERTY)
+        if not source:
+            raise ValueError(f"Layer '{layer_or_result.name()}' is not a CDIKT candidates layer.")
+    else:
+        source = getattr(layer_or_result, "geojson_path", None)
+        if not source:
+            raise ValueError("Nothing to export: no result yet.")
+    source = str(source)
+    if not os.path.isfile(source):
+        raise ValueError(f"The result's GeoJSON is gone: {source}. Run Locate again.")
+    dest = Path(path)
+    if dest.suffix.lower() not in (".geojson", ".json"):
+        dest = dest.with_suffix(".geojson")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return str(dest)

@@ -1,0 +1,262 @@
+"""The plugin object QGIS talks to, and the controller between the dock and the engine.
+
+The constructor does not touch ``iface`` (qgis_process passes None and only calls
+``initProcessing``); GUI objects are made in ``initGui`` and every one of them is removed in
+``unload``, which also cancels running work so a reload never leaves a task writing files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsProject
+from qgis.PyQt.QtCore import QObject, Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction
+
+from . import log as cdikt_log
+from .layers import add_result_layers, export_candidates
+from .settings import CdiktSettings
+from .tasks import LayerError, LocateParams, LocateTask, capture_raster
+
+logger = logging.getLogger(__name__)
+MENU = "&CDIKT"
+TITLE = "CDIKT"
+
+
+def icon_path() -> str | None:
+    """resources/icon.png inside the plugin (packaged) or beside it (dev checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "resources" / "icon.png", here.parent / "resources" / "icon.png"):
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+class LocateController(QObject):
+    """Runs one locate at a time: a new request cancels the stale one, whose result is ignored."""
+
+    def __init__(self, iface, dock, settings: CdiktSettings | None = None) -> None:
+        super().__init__(dock)
+        self.iface = iface
+        self.dock = dock
+        self.settings = settings or CdiktSettings()
+        self.request = 0
+        self.task: LocateTask | None = None
+        self.last_result = None
+        self._closed = False
+        dock.locate_requested.connect(self.locate)
+        dock.cancel_requested.connect(self.cancel)
+        dock.export_requested.connect(self.export)
+
+    # -- messages ------------------------------------------------------------------------------
+    def _push(self, text: str, level: Qgis.MessageLevel, duration: int = 8) -> None:
+        if self.iface is not None:
+            self.iface.messageBar().pushMessage(TITLE, text, level, duration)
+        QgsMessageLog.logMessage(text, TITLE, level)
+
+    # -- actions -------------------------------------------------------------------------------
+    def locate(self, params: LocateParams) -> LocateTask | None:
+        """Validate on the main thread, capture the layer, and queue a LocateTask."""
+        if self._closed:
+            return None
+        try:
+            source = capture_raster(params.layer)
+        except LayerError as exc:
+            self.dock.set_status(str(exc))
+            self._push(str(exc), Qgis.Warning)
+            return None
+        photo = params.photo
+        if not photo:
+            msg = "Pick the drone photo to locate."
+        elif not os.path.isfile(photo):
+            msg = f"Photo not found: {photo}"
+        else:
+            msg = ""
+        if msg:
+            self.dock.set_status(msg)
+            self._push(msg, Qgis.Warning)
+            return None
+
+        self._remember(params)
+        self.cancel()  # the stale request, if any; its result will be ignored
+        self.request += 1
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out_dir = str(Path(self.settings.results_dir()) / f"{Path(photo).stem}-{stamp}-{self.request}")
+        task = LocateTask(
+            self.request, source, photo, out_dir, footprint_m=params.footprint_m,
+            footprint_auto=params.footprint_auto, top_k=params.top_k, cache_dir=self.settings.cache_dir,
+            weights=self.settings.weights_path, on_done=self._finished,
+        )
+        task.progressed.connect(self._progress)
+        self.task = task
+        self.dock.set_running(True)
+        self.dock.set_result_available(self.last_result is not None)
+        QgsApplication.taskManager().addTask(task)
+        logger.info("Request %d: locating %s in %s", self.request, photo, source.path)
+        return task
+
+    def _remember(self, params: LocateParams) -> None:
+        """The dock opens with the last footprint / top-k used: analysts work in series of photos."""
+        self.settings.default_footprint_m = params.footprint_m
+        self.settings.footprint_from_exif = params.footprint_auto
+        self.settings.top_k = params.top_k
+
+    def cancel(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            _disconnect(task, self._progress)
+            task.cancel()
+            self.dock.set_running(False)
+            self.dock.set_status("Cancelling…")
+
+    def export(self, path: str) -> str | None:
+        if self.last_result is None:
+            self._push("Nothing to export yet: run Locate first.", Qgis.Info)
+            return None
+        try:
+            written = export_candidates(self.last_result, path)
+        except (OSError, ValueError) as exc:
+            self._push(f"Export failed: {exc}", Qgis.Warning)
+            return None
+        self._push(f"Candidates exported to {written}", Qgis.Success, 5)
+        return written
+
+    def shutdown(self) -> None:
+        """Cancel work and stop reacting to it (plugin unload)."""
+        self._closed = True
+        task, self.task = self.task, None
+        if task is not None:
+            task.on_done = None
+            _disconnect(task, self._progress)
+            task.cancel()
+
+    # -- task callbacks (main thread) ----------------------------------------------------------
+    def _progress(self, fraction: float, message: str) -> None:
+        if self.task is not None and not self._closed:
+            self.dock.set_progress(fraction, message)
+
+    def _finished(self, task: LocateTask) -> None:
+        if self._closed:
+            return
+        if task.request != self.request:  # superseded: a newer request owns the dock now
+            logger.info("Ignoring the outcome (%s) of stale request %d", task.outcome, task.request)
+            return
+        self.task = None
+        self.dock.set_running(False)
+        if task.outcome == LocateTask.OK:
+            self._show(task)
+        elif task.outcome == LocateTask.CANCELLED:
+            self.dock.set_progress(0.0)
+            self.dock.set_status("Cancelled")
+            self._push(task.message or "Cancelled.", Qgis.Info, 4)
+        elif task.outcome == LocateTask.USER:
+            self.dock.set_status(task.message)
+            self._push(task.message, Qgis.Warning)
+        elif task.outcome == LocateTask.NO_TORCH:
+            self.dock.set_status("PyTorch is missing; see the message bar.")
+            self._push(task.message, Qgis.Critical, 0)
+            QgsMessageLog.logMessage(task.details, TITLE, Qgis.Critical)
+        else:
+            self.dock.set_status(f"Failed: {task.message}")
+            text = f"Unexpected error: {task.message} (full traceback in the CDIKT log)."
+            self._push(text, Qgis.Critical, 0)
+            QgsMessageLog.logMessage(task.details or task.message, TITLE, Qgis.Critical)
+
+    def _show(self, task: LocateTask) -> None:
+        result = task.result
+        canvas = self.iface.mapCanvas() if self.iface is not None else None
+        try:
+            add_result_layers(result, QgsProject.instance(), canvas)
+        except ValueError as exc:
+            self.dock.set_status(str(exc))
+            self._push(str(exc), Qgis.Critical)
+            return
+        self.last_result = result
+        self.dock.set_result_available(True)
+        self.dock.set_progress(1.0)
+        best = result.candidates[0] if result.candidates else None
+        where = (f"best at lat {best.lat:.6f}, lon {best.lon:.6f} (score {best.score:.3f})"
+                 if best else "no candidate")
+        self.dock.set_status(f"{len(result.candidates)} candidates, {where}; {task.message}.")
+
+
+def _disconnect(task: LocateTask, slot) -> None:
+    """Stop a stale task's progress from reaching the dock (it may still report while winding down)."""
+    try:
+        task.progressed.disconnect(slot)
+    except (TypeError, RuntimeError):
+        pass
+
+
+class CdiktPlugin:
+    """QGIS plugin object: toolbar button + Raster menu entry showing the Locate dock."""
+
+    def __init__(self, iface) -> None:
+        self.iface = iface  # may be None under qgis_process; do not touch it here
+        self.settings = CdiktSettings()
+        self.action: QAction | None = None
+        self.dock = None
+        self.controller: LocateController | None = None
+        self.provider = None
+
+    def initProcessing(self) -> None:  # noqa: N802 (QGIS API)
+        """Hook for the Processing provider (batch, modeler, qgis_process).
+
+        QGIS calls this for plugins with hasProcessingProvider=yes and initGui calls it too, so it
+        must stay idempotent. To add the provider, replace the comment below with
+        ``self.provider = CdiktProvider()`` and
+        ``QgsApplication.processingRegistry().addProvider(self.provider)``; ``unload`` already
+        removes whatever sits in ``self.provider``. Nothing is registered yet.
+        """
+        cdikt_log.install()
+        if self.provider is not None:
+            return
+        # <- the Processing provider is created and registered here
+
+    def initGui(self) -> None:  # noqa: N802 (QGIS API)
+        cdikt_log.install()
+        self.initProcessing()
+        path = icon_path()
+        icon = QIcon(path) if path else QgsApplication.getThemeIcon("/mActionZoomToArea.svg")
+        self.action = QAction(icon, "Locate drone image", self.iface.mainWindow())
+        self.action.setObjectName("cdiktLocateAction")
+        self.action.setToolTip("Locate drone image: find where a drone photo was taken on a raster")
+        self.action.triggered.connect(self.show_dock)
+        self.iface.addToolBarIcon(self.action)
+        self.iface.addPluginToRasterMenu(MENU, self.action)
+
+    def show_dock(self) -> None:
+        """Create the dock on first use (keeps QGIS start-up cheap), then show it."""
+        from .dock import LocateDock
+
+        if self.dock is None:
+            self.dock = LocateDock(self.settings, self.iface.mainWindow())
+            self.controller = LocateController(self.iface, self.dock, self.settings)
+            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        self.dock.set_layer(self.iface.activeLayer())
+        self.dock.show()
+        self.dock.raise_()
+
+    def unload(self) -> None:
+        if self.controller is not None:
+            self.controller.shutdown()
+            self.controller = None
+        if self.dock is not None:
+            self.iface.removeDockWidget(self.dock)
+            self.dock.setParent(None)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.action is not None:
+            self.iface.removePluginRasterMenu(MENU, self.action)
+            self.iface.removeToolBarIcon(self.action)
+            self.action.setParent(None)
+            self.action.deleteLater()
+            self.action = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        cdikt_log.uninstall()

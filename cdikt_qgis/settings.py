@@ -1,0 +1,129 @@
+"""Typed access to the plugin's settings, stored in QgsSettings under ``cdikt/``.
+
+Settings live in the user's QGIS profile (never in the plugin folder, which an update or a
+reinstall replaces). Every value has a typed property so the rest of the plugin never parses
+QVariants or spells a key twice, and "unset" is explicit: an empty string means "use the
+engine's default", so the engine, not the plugin, decides what that default is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qgis.core import QgsSettings
+
+PREFIX = "cdikt/"
+PLUGIN_DIR = Path(__file__).resolve().parent
+
+
+def engine_default_cache_dir() -> str:
+    """The cache directory the engine uses when none is given (docs/CONTRACT.md).
+
+    Mirrored here only to show it to the user and to place result files next to the cache;
+    the engine itself is always called with ``cache_dir=None`` when the user set nothing.
+    """
+    env = os.environ.get("CDIKT_CACHE_DIR")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return str(base / "cdikt-qgis")
+
+
+class CdiktSettings:
+    """Typed settings over QgsSettings; pass a QgsSettings to use another store (tests)."""
+
+    DEFAULT_FOOTPRINT_M = 60.0
+    DEFAULT_TOP_K = 5
+
+    def __init__(self, store: QgsSettings | None = None) -> None:
+        self._store = store if store is not None else QgsSettings()
+
+    # -- raw helpers -------------------------------------------------------------------------
+    def _str(self, key: str) -> str | None:
+        value = self._store.value(PREFIX + key, "", type=str)
+        return value.strip() or None
+
+    def _set_str(self, key: str, value: str | os.PathLike[str] | None) -> None:
+        if value is None or str(value).strip() == "":
+            self._store.remove(PREFIX + key)
+        else:
+            self._store.setValue(PREFIX + key, str(value))
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> str | None:
+        """Index/result cache chosen by the user; None = the engine's default."""
+        return self._str("cache_dir")
+
+    @cache_dir.setter
+    def cache_dir(self, value: str | os.PathLike[str] | None) -> None:
+        if value is not None and str(value).strip():
+            _refuse_plugin_folder(value)
+        self._set_str("cache_dir", value)
+
+    def effective_cache_dir(self) -> str:
+        """Where the cache really is: the user's choice, else the engine's default."""
+        return self.cache_dir or engine_default_cache_dir()
+
+    def results_dir(self) -> str:
+        """Where heatmaps and matches are written: beside the cache, never in the plugin."""
+        return str(Path(self.effective_cache_dir()) / "results")
+
+    @property
+    def weights_path(self) -> str | None:
+        """A weights file the user points to; None = the engine's embedded default."""
+        return self._str("weights_path")
+
+    @weights_path.setter
+    def weights_path(self, value: str | os.PathLike[str] | None) -> None:
+        self._set_str("weights_path", value)
+
+    @property
+    def python_site_packages(self) -> str | None:
+        """site-packages of a Python env holding torch, added to sys.path at plugin start."""
+        return self._str("python_site_packages")
+
+    @python_site_packages.setter
+    def python_site_packages(self, value: str | os.PathLike[str] | None) -> None:
+        self._set_str("python_site_packages", value)
+
+    # -- query defaults ----------------------------------------------------------------------
+    @property
+    def default_footprint_m(self) -> float:
+        value = self._store.value(PREFIX + "default_footprint_m", self.DEFAULT_FOOTPRINT_M, type=float)
+        return float(value) if value and value > 0 else self.DEFAULT_FOOTPRINT_M
+
+    @default_footprint_m.setter
+    def default_footprint_m(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"Footprint must be positive, got {value}")
+        self._store.setValue(PREFIX + "default_footprint_m", float(value))
+
+    @property
+    def footprint_from_exif(self) -> bool:
+        """Whether the dock's "From EXIF / auto" box starts ticked."""
+        return bool(self._store.value(PREFIX + "footprint_from_exif", True, type=bool))
+
+    @footprint_from_exif.setter
+    def footprint_from_exif(self, value: bool) -> None:
+        self._store.setValue(PREFIX + "footprint_from_exif", bool(value))
+
+    @property
+    def top_k(self) -> int:
+        value = self._store.value(PREFIX + "top_k", self.DEFAULT_TOP_K, type=int)
+        return int(value) if value and value > 0 else self.DEFAULT_TOP_K
+
+    @top_k.setter
+    def top_k(self, value: int) -> None:
+        if int(value) < 1:
+            raise ValueError(f"top-k must be at least 1, got {value}")
+        self._store.setValue(PREFIX + "top_k", int(value))
+
+
+def _refuse_plugin_folder(path: str | os.PathLike[str]) -> None:
+    """Refuse a cache inside the plugin folder: a plugin update would delete it."""
+    p = Path(path).expanduser().resolve()
+    if p == PLUGIN_DIR or PLUGIN_DIR in p.parents:
+        raise ValueError(f"{p} is inside the plugin folder; choose a folder outside it for the cache.")

@@ -1,0 +1,126 @@
+"""Command line: `python -m model_backend index|locate ...`.
+
+Scripts depend on these command and option names: keep them stable. User mistakes exit with
+status 2 and one line on stderr that says what is wrong and what to do; results go to stdout
+as one JSON line per photo so they can be piped into other tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import ModelConfig, QueryConfig, TilingConfig
+from .errors import Cancelled, CdiktError
+
+EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="model weights file (.safetensors or .pth); default: the embedded model")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stride", type=float, default=0.5, help="tile step as a fraction of the footprint (1/n)")
+    p.add_argument("--cache-dir", help="where indexes are kept (default: $CDIKT_CACHE_DIR or ~/.cache/cdikt-qgis)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m model_backend",
+                                 description="Locate drone photos on a georeferenced raster (CDIKTNet engine).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="embed every tile of a raster into the cache (reused by locate)")
+    p.add_argument("raster")
+    p.add_argument("--footprint-m", type=float, default=TilingConfig.footprint_m,
+                   help="ground size of a tile in metres (default %(default)s)")
+    _common(p)
+
+    p = sub.add_parser("locate", help="find where photos were taken; writes heatmaps and matches")
+    p.add_argument("raster")
+    p.add_argument("photos", nargs="+", metavar="PHOTO")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--footprint-m", type=float,
+                   help="ground size of the photo's short side in metres (default: EXIF, else a scale search)")
+    p.add_argument("--top-k", type=int, default=QueryConfig.top_k)
+    p.add_argument("--rotations", type=int, default=QueryConfig.rotations,
+                   help="headings tried for photos of unknown heading")
+    _common(p)
+    return ap
+
+
+def _progress(verbose: bool):
+    if not verbose:
+        return None
+
+    def report(fraction: float, message: str) -> None:
+        print(f"[{fraction:6.1%}] {message}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    model = ModelConfig(weights=args.weights, device=args.device, batch_size=args.batch_size)
+    try:
+        if args.command == "index":
+            return _index(args, model)
+        return _locate(args, model)
+    except Cancelled as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except CdiktError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _index(args: argparse.Namespace, model: ModelConfig) -> int:
+    from .indexing import build_index
+
+    idx = build_index(args.raster, TilingConfig(footprint_m=args.footprint_m, stride=args.stride), model,
+                      cache_dir=args.cache_dir, progress=_progress(args.verbose))
+    print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
+                      "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds")}))
+    return 0
+
+
+def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
+    from .locate import locate_photo
+    from .model import EmbeddingModel
+    from .raster import open_raster
+
+    if args.top_k < 1:
+        raise_user(f"--top-k must be at least 1, got {args.top_k}.")
+    if args.footprint_m is not None and args.footprint_m <= 0:
+        raise_user(f"--footprint-m must be positive, got {args.footprint_m}.")
+    open_raster(args.raster)  # fail on a bad raster before loading the model
+    net = EmbeddingModel.load(model.weights, model.device, model.threads)
+    tiling = TilingConfig(stride=args.stride)
+    query = QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m)
+    failures = 0
+    for photo in args.photos:
+        try:
+            res = locate_photo(args.raster, photo, args.out, tiling=tiling, query=query, model=model,
+                               cache_dir=args.cache_dir, progress=_progress(args.verbose), embedder=net)
+        except Cancelled:
+            raise
+        except CdiktError as exc:
+            if len(args.photos) == 1:
+                raise
+            print(f"error: {photo}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        print(json.dumps(res.json_line()), flush=True)
+    return EXIT_USER_ERROR if failures else 0
+
+
+def raise_user(message: str) -> None:
+    from .errors import InputError
+
+    raise InputError(message)

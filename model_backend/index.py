@@ -1,0 +1,157 @@
+"""The tile index on disk: fp16 embeddings + tile positions + a manifest, reused across queries.
+
+Encode once, query many (the lesson of Geo-SAM, and the opposite of a peer that re-embeds
+every tile for every query). An index lives in its own folder under the user cache, named by
+a key over everything that changes its content: the raster's fingerprint, the tiling config,
+the model weights and the reader's version. Work is saved in row chunks as it goes, so a
+cancelled or crashed run resumes; the manifest is written last and atomically, so a folder
+without one is never mistaken for a finished index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import TilingConfig
+from .errors import InputError
+from .model import ModelMeta
+from .raster import RasterInfo
+from .tiling import TileGrid
+
+INDEX_FORMAT = 1
+READER_VERSION = 1  # bump when tile pixels change for the same raster/tiling/model
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("CDIKT_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cdikt-qgis"
+
+
+def index_key(info: RasterInfo, tiling: TilingConfig, meta: ModelMeta) -> str:
+    payload = json.dumps({
+        "raster": info.fingerprint, "tiling": {k: v for k, v in tiling.to_dict().items() if k != "max_tiles"},
+        "model": meta.weights_sha256, "pooling": meta.pooling, "input": meta.input_size,
+        "reader": READER_VERSION, "format": INDEX_FORMAT,
+    }, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write beside the target then rename: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class TileIndex:
+    """A finished index: what the query needs, memory-mapped so opening it is instant."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    embeddings: np.ndarray
+    """(N, D) float16, L2-normalised rows."""
+    cols: np.ndarray
+    rows: np.ndarray
+    grid: TileGrid
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @classmethod
+    def open(cls, folder: Path) -> TileIndex:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        emb = np.load(folder / "embeddings.npy", mmap_mode="r")
+        pos = np.load(folder / "tiles.npy")
+        g = manifest["grid"]
+        grid = TileGrid(**{**g, "transform": tuple(g["transform"])})
+        return cls(folder, manifest, emb, pos[:, 0], pos[:, 1], grid)
+
+
+class IndexWriter:
+    """Collects embeddings chunk by chunk and turns them into a TileIndex at the end."""
+
+    def __init__(self, folder: Path, grid: TileGrid, chunk_rows: int) -> None:
+        self.folder = folder
+        self.parts = folder / "parts"
+        self.grid = grid
+        self.chunk_rows = chunk_rows
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.grid.n_rows // self.chunk_rows)
+
+    def chunk_rows_range(self, chunk: int) -> tuple[int, int]:
+        r0 = chunk * self.chunk_rows
+        return r0, min(r0 + self.chunk_rows, self.grid.n_rows)
+
+    def _part(self, chunk: int) -> Path:
+        return self.parts / f"chunk_{chunk:06d}.npz"
+
+    def done_chunks(self) -> set[int]:
+        if not self.parts.exists():
+            return set()
+        return {int(p.stem.split("_")[1]) for p in self.parts.glob("chunk_*.npz")}
+
+    def save_chunk(self, chunk: int, cols: np.ndarray, rows: np.ndarray, emb: np.ndarray) -> None:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.parts, prefix=".chunk.", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, cols=cols.astype(np.int32), rows=rows.astype(np.int32), emb=emb.astype(np.float16))
+            os.replace(tmp, self._part(chunk))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def finish(self, manifest: dict[str, Any], dim: int) -> TileIndex:
+        cols, rows, embs = [], [], []
+        for chunk in range(self.n_chunks):
+            with np.load(self._part(chunk)) as z:
+                cols.append(z["cols"])
+                rows.append(z["rows"])
+                embs.append(z["emb"])
+        emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)
+        pos = np.stack([np.concatenate(cols), np.concatenate(rows)], axis=1).astype(np.int32)
+        if len(pos) == 0:
+            raise InputError("Every tile of this raster is nodata or masked; check its nodata/alpha settings.")
+        atomic_save_npy(self.folder / "embeddings.npy", emb)
+        atomic_save_npy(self.folder / "tiles.npy", pos)
+        manifest = {**manifest, "n_tiles": int(len(pos)), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_bytes(self.folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return TileIndex.open(self.folder)

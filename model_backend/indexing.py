@@ -1,0 +1,173 @@
+"""Build (or reuse, or resume) the tile index of a raster.
+
+Reading overlaps compute: a reader thread decodes strips and assembles normalised batches
+while the model embeds the previous one (GDAL releases the GIL while decoding), so end-to-end
+throughput stays close to the model's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, TilingConfig
+from .errors import Cancelled, InputError
+from .index import INDEX_FORMAT, IndexWriter, TileIndex, default_cache_dir, index_key
+from .model import EmbeddingModel
+from .raster import RasterInfo, open_raster
+from .reader import StripReader, compute_stretch
+from .tiling import TileGrid, make_grid
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+Batch = tuple[np.ndarray, np.ndarray, torch.Tensor]
+
+_DONE = object()
+CHUNK_TILES = 1024
+"""Tiles per saved chunk: the most work a crash or cancel can lose."""
+
+
+def _batches(reader: StripReader, model: EmbeddingModel, r0: int, r1: int, batch_size: int,
+             min_valid: float) -> Iterator[Batch]:
+    """Kept tiles of rows [r0, r1) in normalised batches; tiles mostly nodata are dropped here."""
+    pend_c: list[np.ndarray] = []
+    pend_r: list[np.ndarray] = []
+    pend_t: list[np.ndarray] = []
+    n = 0
+    for r, tiles, valid in reader.iter_rows(r0, r1):
+        keep = np.nonzero(valid >= min_valid)[0]
+        if keep.size == 0:
+            continue
+        pend_c.append(keep.astype(np.int32))
+        pend_r.append(np.full(keep.size, r, np.int32))
+        pend_t.append(tiles[keep])
+        n += keep.size
+        while n >= batch_size:
+            cols, rows, tiles_all = np.concatenate(pend_c), np.concatenate(pend_r), np.concatenate(pend_t)
+            yield cols[:batch_size], rows[:batch_size], model.normalise(tiles_all[:batch_size])
+            pend_c, pend_r, pend_t = [cols[batch_size:]], [rows[batch_size:]], [tiles_all[batch_size:]]
+            n -= batch_size
+    if n:
+        yield np.concatenate(pend_c), np.concatenate(pend_r), model.normalise(np.concatenate(pend_t))
+
+
+def _prefetch(gen: Iterator[Batch], depth: int = 3) -> Iterator[Batch]:
+    """Run a generator in a thread, `depth` items ahead; errors are re-raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in gen:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            q.put(exc)
+
+    t = threading.Thread(target=work, name="cdikt-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
+
+
+def index_folder(info: RasterInfo, tiling: TilingConfig, model: EmbeddingModel,
+                 cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "indexes" / index_key(info, tiling, model.meta)
+
+
+def build_index(raster: str, tiling: TilingConfig = TilingConfig(), model: ModelConfig = ModelConfig(), *,
+                cache_dir: str | Path | None = None, progress: ProgressFn | None = None,
+                cancel: CancelFn | None = None, embedder: EmbeddingModel | None = None) -> TileIndex:
+    """Return the finished index for (raster, tiling, model), building only what is missing."""
+    info = open_raster(raster)
+    grid = make_grid(info, tiling)
+    net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads)
+    folder = index_folder(info, tiling, net, cache_dir)
+    if (folder / "manifest.json").exists():
+        try:
+            idx = TileIndex.open(folder)
+            if progress:
+                progress(1.0, f"Reusing index of {idx.n_tiles} tiles")
+            return idx
+        except (OSError, ValueError, KeyError):
+            log.warning("Index in %s is unreadable; rebuilding it", folder)
+            (folder / "manifest.json").unlink(missing_ok=True)
+    return _build(info, grid, tiling, model, net, folder, progress, cancel)
+
+
+def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelConfig, net: EmbeddingModel,
+           folder: Path, progress: ProgressFn | None, cancel: CancelFn | None) -> TileIndex:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"Cannot create the index folder {folder} ({exc.strerror}); set another cache folder.") \
+            from None
+    writer = IndexWriter(folder, grid, chunk_rows=max(1, math.ceil(CHUNK_TILES / grid.n_cols)))
+    done = writer.done_chunks()
+    stretch = compute_stretch(info)
+    t0 = time.perf_counter()
+    tiles_done = sum(min(writer.chunk_rows_range(c)[1], grid.n_rows) - writer.chunk_rows_range(c)[0]
+                     for c in done) * grid.n_cols
+    if done:
+        log.info("Resuming index %s: %d of %d chunks already embedded", folder.name, len(done), writer.n_chunks)
+    with StripReader(info, grid, net.meta.input_size, stretch) as reader:
+        for chunk in range(writer.n_chunks):
+            if chunk in done:
+                continue
+            r0, r1 = writer.chunk_rows_range(chunk)
+            cols, rows, embs = [], [], []
+            for c, r, batch in _prefetch(_batches(reader, net, r0, r1, model.batch_size,
+                                                  tiling.min_valid_fraction)):
+                if cancel and cancel():
+                    raise Cancelled()
+                embs.append(net.embed(batch).astype(np.float16))
+                cols.append(c)
+                rows.append(r)
+            if cancel and cancel():
+                raise Cancelled()
+            dim = net.meta.dim
+            writer.save_chunk(chunk,
+                              np.concatenate(cols) if cols else np.zeros(0, np.int32),
+                              np.concatenate(rows) if rows else np.zeros(0, np.int32),
+                              np.concatenate(embs) if embs else np.zeros((0, dim), np.float16))
+            tiles_done += (r1 - r0) * grid.n_cols
+            if progress:
+                progress(tiles_done / grid.n_tiles, f"Embedded {tiles_done:,} of {grid.n_tiles:,} tiles")
+    manifest = {
+        "format": INDEX_FORMAT,
+        "raster": {"path": info.path, "fingerprint": info.fingerprint, "crs_wkt": info.crs_wkt,
+                   "transform": list(info.transform), "width": info.width, "height": info.height,
+                   "count": info.count, "dtype": info.dtype, "gsd_m": [info.gsd_x_m, info.gsd_y_m]},
+        "tiling": tiling.to_dict(),
+        "grid": grid.to_dict(),
+        "model": {**net.meta.to_dict(), "config": model.to_dict()},
+        "stretch": stretch.to_dict(),
+        "device": str(net.device),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return writer.finish(manifest, net.meta.dim)

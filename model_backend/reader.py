@@ -1,0 +1,143 @@
+"""Read tiles for the model: block-friendly strips, each decoded once, never the whole raster.
+
+Tiles overlap (stride < 1), so reading tile by tile would decode every raster block k² times
+and reproject nothing useful. Instead the reader walks the grid's heatmap cells row by row:
+one windowed read per cell row, resampled by GDAL straight to the model's resolution, kept in
+a rolling buffer of k cell rows from which the k x k-cell tiles are sliced in memory. Memory
+is bounded by k strips of the raster's width at model resolution, so a 40k x 40k VRT indexes
+like a small GeoTIFF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from .raster import RasterInfo
+from .tiling import TileGrid
+
+# Masked pixels are filled with the ImageNet mean colour: zero after normalisation, so they
+# contribute as little as possible to the embedding.
+FILL_RGB = np.array([124, 116, 104], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """Per-band linear stretch to 8 bit; identity for 8-bit rasters.
+
+    Computed once per raster (2nd-98th percentile of valid pixels on a decimated read) so
+    every tile of a 16-bit raster is scaled the same way — per-tile stretching would make
+    dark and bright areas look alike and wreck retrieval.
+    """
+
+    lo: tuple[float, float, float]
+    hi: tuple[float, float, float]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.lo == (0.0, 0.0, 0.0) and self.hi == (255.0, 255.0, 255.0)
+
+    def apply(self, bands: np.ndarray) -> np.ndarray:
+        if self.is_identity and bands.dtype == np.uint8:
+            return bands
+        lo = np.asarray(self.lo, dtype=np.float32).reshape(3, 1, 1)
+        hi = np.asarray(self.hi, dtype=np.float32).reshape(3, 1, 1)
+        scaled = (bands.astype(np.float32) - lo) * (255.0 / np.maximum(hi - lo, 1e-6))
+        return np.clip(scaled, 0, 255).astype(np.uint8)
+
+    def to_dict(self) -> dict:
+        return {"lo": list(self.lo), "hi": list(self.hi)}
+
+
+def compute_stretch(info: RasterInfo, max_side: int = 1024) -> Stretch:
+    if info.dtype == "uint8":
+        return Stretch((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+    f = min(1.0, max_side / max(info.width, info.height))
+    shape = (max(1, round(info.height * f)), max(1, round(info.width * f)))
+    with rasterio.open(info.path) as ds:
+        data = ds.read(list(info.rgb_bands), out_shape=(3, *shape), resampling=Resampling.nearest)
+        mask = ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+    lo, hi = [], []
+    for b in range(3):
+        vals = data[b][mask] if mask.any() else data[b].ravel()
+        p2, p98 = np.percentile(vals, [2, 98]) if vals.size else (0.0, 1.0)
+        lo.append(float(p2))
+        hi.append(float(max(p98, p2 + 1e-3)))
+    return Stretch(tuple(lo), tuple(hi))  # type: ignore[arg-type]
+
+
+class StripReader:
+    """Yields the tiles of one grid row at a time, as model-ready uint8 RGB arrays."""
+
+    def __init__(self, info: RasterInfo, grid: TileGrid, input_size: int, stretch: Stretch) -> None:
+        self.info = info
+        self.grid = grid
+        self.k = grid.cells_per_tile
+        self.cell_px = max(1, round(input_size / self.k))
+        self.tile_px = self.cell_px * self.k
+        self.stretch = stretch
+        self._ds = rasterio.open(info.path)
+        # Only the columns the grid covers are read; the remainder (< one step) is never tiled.
+        self._col_px = round(grid.cell_cols * grid.step_x)
+        self._out_w = grid.cell_cols * self.cell_px
+        upsample = grid.step_x < self.cell_px or grid.step_y < self.cell_px
+        self._resampling = Resampling.bilinear if upsample else Resampling.average
+
+    def close(self) -> None:
+        self._ds.close()
+
+    def __enter__(self) -> StripReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_cell_row(self, j: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB (cell_px, W, 3) uint8 and valid mask (cell_px, W) bool (None: all valid)."""
+        y0 = round(j * self.grid.step_y)
+        y1 = min(round((j + 1) * self.grid.step_y), self.info.height)
+        win = Window(0, y0, self._col_px, max(1, y1 - y0))
+        shape = (self.cell_px, self._out_w)
+        raw = self._ds.read(list(self.info.rgb_bands), window=win, out_shape=(3, *shape),
+                            resampling=self._resampling)
+        rgb = np.moveaxis(self.stretch.apply(raw), 0, -1)
+        mask = None
+        if self.info.has_mask:
+            mask = self._ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.nearest) > 0
+            if mask.all():
+                mask = None
+            else:
+                rgb = np.where(mask[..., None], rgb, FILL_RGB)
+        return np.ascontiguousarray(rgb), mask
+
+    def iter_rows(self, start_row: int = 0, stop_row: int | None = None
+                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """For each tile row: (row, tiles (n_cols, S, S, 3) uint8, valid fraction per tile)."""
+        stop = self.grid.n_rows if stop_row is None else min(stop_row, self.grid.n_rows)
+        k, cp = self.k, self.cell_px
+        strips: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        for r in range(start_row, stop):
+            for j in range(r, r + k):
+                if j not in strips:
+                    strips[j] = self.read_cell_row(j)
+            for j in [j for j in strips if j < r]:
+                del strips[j]
+            band = np.concatenate([strips[j][0] for j in range(r, r + k)], axis=0)
+            masks = [strips[j][1] for j in range(r, r + k)]
+            n = self.grid.n_cols
+            tiles = np.lib.stride_tricks.sliding_window_view(band, (self.tile_px, self.tile_px, 3))
+            tiles = tiles[0, ::cp][:n, 0]
+            if all(m is None for m in masks):
+                valid = np.ones(n, dtype=np.float32)
+            else:
+                mband = np.concatenate([np.ones((cp, self._out_w), bool) if m is None else m for m in masks])
+                col_valid = mband.mean(axis=0, dtype=np.float32)
+                csum = np.concatenate([[0.0], np.cumsum(col_valid)])
+                starts = np.arange(n) * cp
+                valid = ((csum[starts + self.tile_px] - csum[starts]) / self.tile_px).astype(np.float32)
+            yield r, tiles, valid

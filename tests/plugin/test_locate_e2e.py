@@ -1,0 +1,213 @@
+"""End to end through the plugin: dock -> controller -> LocateTask (task manager) -> engine -> layers.
+
+Runs the real engine on the bundled Manila orthophoto (2048 px at 0.1 m, 25 tiles of 60 m),
+with a photo rendered from the raster by the engine's own view simulator.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+locate = pytest.importorskip("model_backend.locate")
+
+from .qgis_helpers import DATA, wait_until
+
+RASTER = DATA / "manila_oam_0.10m.tif"
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from model_backend.raster import open_raster
+    from model_backend.synth import ViewSpec, render_view, save_view
+
+    info = open_raster(RASTER)
+    cx, cy = info.affine * (info.width * 0.4, info.height * 0.55)
+    view = render_view(info.path, ViewSpec(cx, cy, 60.0, heading_deg=35.0))
+    path = tmp_path_factory.mktemp("photo") / "view_0001.jpg"
+    save_view(view, str(path))
+    return {"path": str(path), "cx": cx, "cy": cy}
+
+
+@pytest.fixture
+def plugin(iface):
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    import cdikt_qgis
+
+    layer = QgsRasterLayer(str(RASTER), "manila")
+    QgsProject.instance().addMapLayer(layer)
+    iface.setActiveLayer(layer)
+    p = cdikt_qgis.classFactory(iface)
+    p.initGui()
+    p.show_dock()
+    p.raster = layer
+    yield p
+    p.unload()
+
+
+def _fill(dock, photo: str, footprint: float = 60.0, top_k: int = 4) -> None:
+    dock.set_photo(photo)
+    dock.footprint_spin.setValue(footprint)
+    dock.footprint_auto.setChecked(False)
+    dock.top_k_spin.setValue(top_k)
+
+
+def _done(task) -> bool:
+    from cdikt_qgis.tasks import _LIVE
+
+    return task not in _LIVE
+
+
+def _groups() -> list:
+    from qgis.core import QgsLayerTree, QgsProject
+
+    return [n for n in QgsProject.instance().layerTreeRoot().children() if QgsLayerTree.isGroup(n)]
+
+
+def _start(plugin):
+    plugin.dock.locate_button.click()
+    task = plugin.controller.task
+    assert task is not None, plugin.dock.status.text()
+    return task
+
+
+def test_locate_adds_styled_layers_and_exports_geojson(plugin, iface, photo, tmp_path: Path) -> None:
+    from qgis.core import QgsProject, QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer
+
+    from cdikt_qgis.tasks import LocateTask
+    from model_backend.export import geojson_problems
+
+    dock = plugin.dock
+    _fill(dock, photo["path"], top_k=4)
+    task = _start(plugin)
+    assert dock.cancel_button.isEnabled()
+    assert wait_until(lambda: _done(task), 90), dock.status.text()
+    assert task.outcome == LocateTask.OK, task.message + task.details
+
+    group = QgsProject.instance().layerTreeRoot().children()[0]
+    assert group.name() == "view_0001.jpg"
+    cands, heat = (node.layer() for node in group.findLayers())
+    assert isinstance(heat, QgsRasterLayer) and isinstance(heat.renderer(), QgsSingleBandPseudoColorRenderer)
+    assert isinstance(cands, QgsVectorLayer) and cands.featureCount() == 4
+    assert heat.crs() == plugin.raster.crs() and cands.crs() == plugin.raster.crs()
+    assert sorted(f["rank"] for f in cands.getFeatures()) == [1, 2, 3, 4]
+    assert dock.export_button.isEnabled() and not dock.cancel_button.isEnabled()
+    assert dock.progress.value() == 100 and "4 candidates" in dock.status.text()
+    assert not [m for m in iface.messages() if m[2] >= 1]  # no warning or error
+
+    out = plugin.controller.export(str(tmp_path / "report" / "matches.geojson"))
+    doc = json.loads(Path(out).read_text())
+    assert geojson_problems(doc) == [] and len(doc["features"]) == 4
+    best = doc["features"][0]["properties"]
+    assert best["rank"] == 1 and -180 <= best["lon"] <= 180 and -90 <= best["lat"] <= 90
+    # outputs went beside the cache, never into the plugin folder
+    assert Path(task.result.heatmap_path).is_relative_to(tmp_path / "cache" / "results")
+
+
+def test_cancel_leaves_no_finished_looking_index_and_says_cancelled(plugin, iface, photo, tmp_path) -> None:
+    from qgis.core import QgsTask
+
+    from cdikt_qgis.settings import CdiktSettings
+    from cdikt_qgis.tasks import LocateTask
+
+    cache = tmp_path / "chosen-cache"
+    CdiktSettings().cache_dir = cache  # the engine must get the cache from the settings
+    _fill(plugin.dock, photo["path"])
+    task = _start(plugin)
+    assert wait_until(lambda: task.status() == QgsTask.Running or _done(task), 30)
+    plugin.dock.cancel_button.click()
+    assert wait_until(lambda: _done(task), 60)
+    assert task.outcome == LocateTask.CANCELLED
+    assert plugin.dock.status.text() == "Cancelled"
+    assert not plugin.dock.cancel_button.isEnabled()
+    assert list(cache.glob("indexes/*/manifest.json")) == []
+    assert _groups() == []
+    assert not (tmp_path / "cache" / "indexes").exists()
+
+
+def test_a_new_request_cancels_the_stale_one_and_only_its_result_is_shown(plugin, photo) -> None:
+
+    from cdikt_qgis.tasks import LocateTask
+
+    _fill(plugin.dock, photo["path"], top_k=2)
+    first = _start(plugin)
+    plugin.dock.top_k_spin.setValue(3)
+    second = _start(plugin)
+    assert first is not second and first.isCanceled()
+    assert wait_until(lambda: _done(first) and _done(second), 90)
+    assert first.outcome == LocateTask.CANCELLED and second.outcome == LocateTask.OK, second.message
+    groups = _groups()
+    assert len(groups) == 1
+    assert groups[0].findLayers()[0].layer().featureCount() == 3
+    assert plugin.controller.last_result is second.result
+
+
+def test_unload_cancels_a_running_task(iface, plugin, photo, tmp_path: Path) -> None:
+    from qgis.core import QgsTask
+
+    from cdikt_qgis.tasks import LocateTask
+
+    _fill(plugin.dock, photo["path"])
+    task = _start(plugin)
+    assert wait_until(lambda: task.status() == QgsTask.Running or _done(task), 30)
+    plugin.unload()
+    assert task.isCanceled() or task.status() == QgsTask.Terminated
+    assert wait_until(lambda: _done(task), 60)
+    assert task.outcome == LocateTask.CANCELLED
+    assert _groups() == []
+    assert list((tmp_path / "cache").glob("indexes/*/manifest.json")) == []
+    assert iface.docks() == [] and iface.toolbar_actions() == []
+
+
+def test_engine_input_error_becomes_a_one_line_warning(plugin, iface, photo) -> None:
+    from qgis.core import Qgis
+
+    _fill(plugin.dock, photo["path"], footprint=4000.0)  # larger than the 205 m raster
+    task = _start(plugin)
+    assert wait_until(lambda: _done(task), 60)
+    title, text, level = iface.messages()[-1]
+    assert level == int(Qgis.Warning) and "larger than the raster" in text and "\n" not in text
+    assert plugin.dock.status.text() == text
+
+
+def test_a_bug_is_critical_with_the_traceback_in_the_log(plugin, iface, photo, tmp_path: Path) -> None:
+    from qgis.core import Qgis, QgsApplication
+
+    from cdikt_qgis.tasks import LocateTask, capture_raster
+
+    logged: list[str] = []
+    QgsApplication.messageLog().messageReceived.connect(lambda msg, tag, level: logged.append(msg))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    task = LocateTask(99, capture_raster(plugin.raster), photo["path"], str(blocker / "out"),
+                      footprint_m=60, footprint_auto=False, top_k=3, cache_dir=None, weights=None,
+                      on_done=plugin.controller._finished)
+    plugin.controller.request = 99
+    assert task.run() is False
+    task.finished(False)
+    title, text, level = iface.messages()[-1]
+    assert level == int(Qgis.Critical) and text.startswith("Unexpected error:")
+    assert any("Traceback (most recent call last)" in m for m in logged)
+
+
+def test_missing_torch_says_how_to_install(plugin, iface, photo) -> None:
+    from qgis.core import Qgis
+
+    from cdikt_qgis.tasks import LocateTask, capture_raster
+
+    task = LocateTask(7, capture_raster(plugin.raster), photo["path"], "/unused", footprint_m=60,
+                      footprint_auto=True, top_k=3, cache_dir=None, weights=None,
+                      on_done=plugin.controller._finished)
+    plugin.controller.request = 7
+    try:
+        import torch_that_is_not_installed  # noqa: F401
+    except ImportError as exc:
+        exc.name = "torch"
+        task._fail_import(exc)
+    task.finished(False)
+    title, text, level = iface.messages()[-1]
+    assert level == int(Qgis.Critical) and "make setup" in text and "cdikt/python_site_packages" in text

@@ -1,0 +1,86 @@
+"""Typed settings over QgsSettings, and logging routed to the QGIS message log."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+
+def test_settings_defaults_and_round_trip(qgis_app, tmp_path: Path) -> None:
+    from cdikt_qgis.settings import CdiktSettings
+
+    s = CdiktSettings()
+    assert s.cache_dir is None and s.weights_path is None and s.python_site_packages is None
+    assert s.default_footprint_m == 60.0 and s.top_k == 5 and s.footprint_from_exif is True
+    assert s.effective_cache_dir() == str(tmp_path / "cache")  # CDIKT_CACHE_DIR, as the engine does
+
+    s.cache_dir = tmp_path / "mine"
+    s.weights_path = tmp_path / "w.safetensors"
+    s.default_footprint_m = 120
+    s.top_k = 7
+    s.footprint_from_exif = False
+    again = CdiktSettings()  # a fresh object reads the stored values
+    assert again.cache_dir == str(tmp_path / "mine")
+    assert again.results_dir() == str(tmp_path / "mine" / "results")
+    assert again.weights_path == str(tmp_path / "w.safetensors")
+    assert (again.default_footprint_m, again.top_k, again.footprint_from_exif) == (120.0, 7, False)
+    again.cache_dir = None
+    assert CdiktSettings().cache_dir is None
+
+
+def test_settings_refuse_bad_values(qgis_app) -> None:
+    from cdikt_qgis.settings import PLUGIN_DIR, CdiktSettings
+
+    s = CdiktSettings()
+    with pytest.raises(ValueError, match="inside the plugin folder"):
+        s.cache_dir = PLUGIN_DIR / "cache"
+    with pytest.raises(ValueError):
+        s.top_k = 0
+    with pytest.raises(ValueError):
+        s.default_footprint_m = -1
+
+
+def test_engine_default_cache_dir_matches_the_engine(qgis_app, monkeypatch, tmp_path: Path) -> None:
+    from cdikt_qgis.settings import engine_default_cache_dir
+    from model_backend.index import default_cache_dir
+
+    monkeypatch.delenv("CDIKT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert engine_default_cache_dir() == str(default_cache_dir())
+
+
+def test_engine_logging_reaches_the_qgis_log(qgis_app) -> None:
+    from qgis.core import Qgis, QgsApplication
+
+    from cdikt_qgis import log as cdikt_log
+
+    seen: list[tuple[str, str, int]] = []
+
+    def record(message: str, tag: str, level) -> None:
+        seen.append((message, tag, int(level)))
+
+    QgsApplication.messageLog().messageReceived.connect(record)
+    try:
+        cdikt_log.install()
+        cdikt_log.install()  # idempotent: one handler, not two
+        logging.getLogger("model_backend.indexing").warning("index half done")
+        logging.getLogger("cdikt_qgis.tasks").info("task queued")
+        cdikt_log.uninstall()
+        logging.getLogger("model_backend").warning("after uninstall")
+    finally:
+        QgsApplication.messageLog().messageReceived.disconnect(record)
+    ours = [s for s in seen if s[1] == "CDIKT"]
+    assert ours == [("model_backend.indexing: index half done", "CDIKT", int(Qgis.Warning)),
+                    ("cdikt_qgis.tasks: task queued", "CDIKT", int(Qgis.Info))]
+
+
+def test_qgis_app_helper_reuses_the_running_application(qgis_app) -> None:
+    from qgis.core import QgsApplication
+
+    from cdikt_qgis.headless import qgis_app as qgis_app_ctx
+
+    with qgis_app_ctx() as app:
+        assert app is QgsApplication.instance()
+        assert QgsApplication.prefixPath()  # initialised, not just constructed
