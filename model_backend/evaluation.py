@@ -42,7 +42,7 @@ class LocalisationReport:
 
 
 def ground_distance_m(crs_wkt: str, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
-    to_ll = Transformer.from_crs(CRS.from_wkt(crs_wkt), CRS.from_epsg(4326), always_xy=True)
+    to_ll = Transformer.from_crs(CRS.from_user_input(crs_wkt), CRS.from_epsg(4326), always_xy=True)
     lon0, lat0 = to_ll.transform(x0, y0)
     lon1, lat1 = to_ll.transform(x1, y1)
     return np.asarray(_GEOD.inv(lon0, lat0, lon1, lat1)[2], dtype=np.float64)

@@ -29,7 +29,7 @@ from .raster import RasterInfo
 from .tiling import TileGrid
 
 INDEX_FORMAT = 1
-READER_VERSION = 1  # bump when tile pixels change for the same raster/tiling/model
+READER_VERSION = 2  # bump when tile pixels change for the same raster/tiling/model
 
 
 def default_cache_dir() -> Path:

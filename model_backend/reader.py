@@ -106,13 +106,16 @@ class StripReader:
         raw = self._ds.read(list(self.info.rgb_bands), window=win, out_shape=(3, *shape),
                             resampling=self._resampling)
         rgb = np.moveaxis(self.stretch.apply(raw), 0, -1)
-        mask = None
         if self.info.has_mask:
             mask = self._ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.nearest) > 0
-            if mask.all():
-                mask = None
-            else:
-                rgb = np.where(mask[..., None], rgb, FILL_RGB)
+        else:
+            # Many orthophotos carry an undeclared black collar (no nodata tag, no alpha): pixels
+            # that are exactly 0 in every band are treated as outside coverage, not embedded.
+            mask = raw.max(axis=0) > 0
+        if mask.all():
+            mask = None
+        else:
+            rgb = np.where(mask[..., None], rgb, FILL_RGB)
         return np.ascontiguousarray(rgb), mask
 
     def iter_rows(self, start_row: int = 0, stop_row: int | None = None
