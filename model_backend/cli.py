@@ -12,6 +12,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 from .config import ModelConfig, QueryConfig, TilingConfig
 from .errors import Cancelled, CdiktError
@@ -69,11 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     model = ModelConfig(weights=args.weights, device=args.device, batch_size=args.batch_size)
     try:
+        if args.batch_size < 1:  # 0 would loop forever on empty batches
+            raise_user(f"--batch-size must be at least 1, got {args.batch_size}.")
+        if args.weights and not Path(args.weights).exists():  # before torch is imported: fails in a blink
+            raise_user(f"Weights file not found: {args.weights}. Check --weights.")
         if args.command == "index":
             return _index(args, model)
         return _locate(args, model)
     except Cancelled as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("error: Interrupted; finished index chunks were kept and will be reused.", file=sys.stderr)
         return EXIT_CANCELLED
     except CdiktError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -81,9 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _index(args: argparse.Namespace, model: ModelConfig) -> int:
+    from .raster import open_raster
+    from .tiling import make_grid
+
+    tiling = TilingConfig(footprint_m=args.footprint_m, stride=args.stride)
+    make_grid(open_raster(args.raster), tiling)  # bad raster or footprint: fail before importing the model
+
     from .indexing import build_index
 
-    idx = build_index(args.raster, TilingConfig(footprint_m=args.footprint_m, stride=args.stride), model,
+    idx = build_index(args.raster, tiling, model,
                       cache_dir=args.cache_dir, progress=_progress(args.verbose))
     print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
                       "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds")}))
@@ -91,20 +106,40 @@ def _index(args: argparse.Namespace, model: ModelConfig) -> int:
 
 
 def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
-    from .locate import locate_photo
-    from .model import EmbeddingModel
     from .raster import open_raster
+    from .tiling import cells_per_tile, make_grid
 
+    # Everything checkable without the model (and without importing torch) fails first, in a second.
     if args.top_k < 1:
         raise_user(f"--top-k must be at least 1, got {args.top_k}.")
     if args.footprint_m is not None and args.footprint_m <= 0:
         raise_user(f"--footprint-m must be positive, got {args.footprint_m}.")
-    open_raster(args.raster)  # fail on a bad raster before loading the model
-    net = EmbeddingModel.load(model.weights, model.device, model.threads)
+    info = open_raster(args.raster)
     tiling = TilingConfig(stride=args.stride)
-    query = QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m)
+    cells_per_tile(args.stride)
+    if args.footprint_m is not None:
+        make_grid(info, replace(tiling, footprint_m=args.footprint_m))  # too large, too small, too many tiles
     failures = 0
+    photos = []
     for photo in args.photos:
+        try:
+            _check_photo(photo)
+        except CdiktError as exc:
+            if len(args.photos) == 1:
+                raise
+            print(f"error: {photo}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        photos.append(photo)
+    if not photos:
+        return EXIT_USER_ERROR
+
+    from .locate import locate_photo
+    from .model import EmbeddingModel
+
+    net = EmbeddingModel.load(model.weights, model.device, model.threads)
+    query = QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m)
+    for photo in photos:
         try:
             res = locate_photo(args.raster, photo, args.out, tiling=tiling, query=query, model=model,
                                cache_dir=args.cache_dir, progress=_progress(args.verbose), embedder=net)
@@ -118,6 +153,25 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
             continue
         print(json.dumps(res.json_line()), flush=True)
     return EXIT_USER_ERROR if failures else 0
+
+
+def _check_photo(photo: str) -> None:
+    """Cheap up-front check (the file exists and its header is an image's); decoding problems
+    are still reported per photo by `load_photo`, without stopping the other photos."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(photo)
+    if not p.is_file():
+        raise_user(f"Photo not found: {p}. Check the path.")
+    try:
+        with Image.open(p):
+            pass
+    except UnidentifiedImageError:
+        raise_user(f"{p.name} is not an image file; pick a JPEG, PNG or TIFF photo.")
+    except Image.DecompressionBombError:
+        raise_user(f"{p.name} has too many pixels to load safely; downscale it first.")
+    except OSError as exc:
+        raise_user(f"Cannot read {p.name} ({exc.strerror or type(exc).__name__}); check the file.")
 
 
 def raise_user(message: str) -> None:

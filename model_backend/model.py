@@ -105,6 +105,8 @@ def map_deepsort_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Te
         raise InputError(f"Weights have {len(src)} tensors, MobileNetV2 expects {len(dst)}; wrong file?")
     out = {}
     for (sk, sv), (dk, dv) in zip(src, dst):
+        if not isinstance(sv, torch.Tensor):
+            raise InputError(f"Weights entry {sk} is not a tensor; wrong file?")
         if tuple(sv.shape) != tuple(dv.shape):
             raise InputError(f"Weights tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}; wrong file?")
         out[dk] = sv
@@ -127,6 +129,8 @@ class EmbeddingModel:
         if threads:
             torch.set_num_threads(threads)
         path = Path(weights) if weights else default_weights_path()
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; choose a .safetensors or .pth weights file.")
         if not path.exists():
             if weights:
                 raise InputError(f"Weights file not found: {path}. Check --weights.")
@@ -136,7 +140,11 @@ class EmbeddingModel:
         target = net.features.state_dict()
         if not all(k in target for k in state):
             state = map_deepsort_keys(state, target)
-        net.features.load_state_dict(state, strict=True)
+        try:
+            net.features.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # names match torchvision's but shapes or the key set do not
+            detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), type(exc).__name__)
+            raise InputError(f"{path.name} does not fit MobileNetV2 ({detail[:160]}); wrong file?") from None
         log.info("Loaded %s (%s) on %s", path.name, meta.weights_sha256[:12], dev)
         return cls(net, meta, dev)
 
@@ -178,19 +186,24 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        fields = json.loads(header.get("cdikt_meta", "{}"))
-        meta = ModelMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        try:
+            state = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata() or {}
+            fields = json.loads(header.get("cdikt_meta", "{}"))
+            meta = ModelMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        except Exception as exc:  # SafetensorError, bad JSON or unknown metadata fields
+            raise InputError(f"{path.name} is not a usable safetensors weights file ({type(exc).__name__}); "
+                             "choose another weights file.") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a non-checkpoint file
-            raise InputError(f"{path.name} is not a PyTorch weights file ({type(exc).__name__}).") from None
+            raise InputError(f"{path.name} is not a PyTorch weights file ({type(exc).__name__}); "
+                             "choose a MobileNetV2 .pth or .safetensors state dict.") from None
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
         if not isinstance(state, dict):
-            raise InputError(f"{path.name} does not hold a state dict.")
+            raise InputError(f"{path.name} does not hold a state dict; save model.state_dict(), not the model.")
         meta = ModelMeta()
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
     state = {k.removeprefix("features."): v for k, v in state.items()}

@@ -1,0 +1,181 @@
+"""locate_photo end to end (no subprocess): outputs, ranking, footprint choice, accuracy, cancelling."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import rasterio
+from pyproj import CRS, Transformer
+
+from model_backend.config import QueryConfig, TilingConfig
+from model_backend.errors import Cancelled
+from model_backend.exif import read_priors
+from model_backend.heatmap import NODATA
+from model_backend.locate import LocateResult, locate_photo
+from model_backend.raster import open_raster
+from model_backend.synth import make_views, render_view, save_view
+from model_backend.tiling import make_grid
+
+MANILA = "manila_oam_0.10m.tif"    # 2048 px at 0.1 m: ~198 m square, black collars
+FLORIDA = "florida_neon_0.10m.tif"  # 400 px at 0.1 m: 40 m square, cheap to index at any footprint
+FOOTPRINT = 40.0
+TOP_K = 4
+
+JSON_KEYS = {"photo", "best_lon", "best_lat", "best_x", "best_y", "score", "seconds", "footprint_m",
+             "footprint_source", "heatmap", "geojson", "gpkg", "candidates"}
+
+
+def _nadir_view(raster: str, footprint_m: float, seed: int):
+    """A plain nadir, north-up view of a random valid place: tilt 0, heading 0, no photometric change."""
+    drawn = make_views(raster, 1, footprint_m, seed, max_tilt_deg=0.0, photometric=False, scale_range=(1.0, 1.0))[0]
+    view = render_view(raster, replace(drawn.spec, heading_deg=0.0, tilt_deg=0.0, tilt_azimuth_deg=0.0))
+    assert view.valid_fraction > 0.99
+    return view
+
+
+def _box(c) -> tuple[float, float, float, float]:
+    xs, ys = [p[0] for p in c.polygon], [p[1] for p in c.polygon]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _iou(a, b) -> float:
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = _box(a), _box(b)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    return inter / union
+
+
+@pytest.fixture(scope="module")
+def manila_run(data_dir: Path, embedder, tmp_path_factory: pytest.TempPathFactory):
+    """One locate of a nadir view on Manila with the footprint given: shared by the output checks."""
+    raster = str(data_dir / MANILA)
+    work = tmp_path_factory.mktemp("locate_manila")
+    view = _nadir_view(raster, FOOTPRINT, seed=3)
+    photo = work / "nadir.jpg"
+    save_view(view, str(photo))
+    progress: list[float] = []
+    res = locate_photo(raster, str(photo), str(work / "out"), query=QueryConfig(footprint_m=FOOTPRINT, top_k=TOP_K),
+                       cache_dir=str(work / "cache"), embedder=embedder,
+                       progress=lambda f, msg: progress.append(f))
+    return raster, view, res, progress
+
+
+def test_nadir_view_is_found(manila_run) -> None:
+    _, view, res, _ = manila_run
+    best = res.best
+    dist = math.hypot(best.x - view.spec.cx, best.y - view.spec.cy)
+    assert dist <= FOOTPRINT, f"best candidate {dist:.1f} m from the truth"
+    assert best.score > 0.8
+
+
+def test_outputs_exist_and_result_fields(manila_run) -> None:
+    raster, _, res, progress = manila_run
+    assert isinstance(res, LocateResult)
+    stem = Path(res.photo).stem
+    for path, suffix in ((res.heatmap_path, ".heatmap.tif"), (res.geojson_path, ".matches.geojson"),
+                         (res.gpkg_path, ".matches.gpkg")):
+        assert Path(path).is_file() and Path(path).name == stem + suffix
+    assert (Path(res.index_dir) / "manifest.json").is_file()
+    assert res.footprint_m == FOOTPRINT and res.footprint_source == "user"
+    assert res.seconds > 0 and res.model_sha256 and CRS.from_wkt(res.crs_wkt) == CRS.from_wkt(
+        open_raster(raster).crs_wkt)
+    assert progress and progress[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in progress)
+    line = res.json_line()
+    assert set(line) >= JSON_KEYS
+    json.dumps(line)  # plain JSON types only
+    assert line["photo"] == res.photo and line["footprint_source"] == "user" and line["candidates"] == TOP_K
+    assert line["best_x"] == pytest.approx(res.best.x, abs=1e-3)
+    assert line["best_lat"] == pytest.approx(res.best.lat, abs=1e-7)
+    assert line["score"] == pytest.approx(res.best.score, abs=1e-5)
+    gj = json.loads(Path(res.geojson_path).read_text())
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(res.candidates)
+
+
+def test_heatmap_is_in_the_raster_crs_and_aligned(manila_run) -> None:
+    raster, _, res, _ = manila_run
+    info = open_raster(raster)
+    grid = make_grid(info, TilingConfig(footprint_m=FOOTPRINT))
+    with rasterio.open(res.heatmap_path) as hm:
+        assert CRS.from_wkt(hm.crs.to_wkt()) == CRS.from_wkt(info.crs_wkt)
+        t, r = hm.transform, info.affine
+        assert (t.c, t.f) == pytest.approx((r.c, r.f), abs=1e-9)        # same origin as the raster
+        assert t.a == pytest.approx(r.a * grid.step_x) and t.e == pytest.approx(r.e * grid.step_y)
+        assert t.b == 0 and t.d == 0
+        assert (hm.width, hm.height) == (grid.cell_cols, grid.cell_rows)
+        assert hm.dtypes[0] == "float32" and hm.nodata == NODATA
+        data = hm.read(1, masked=True)
+    assert data.count() > 0 and float(data.min()) >= -1.0
+    # Overlap-averaged cells never exceed the best tile's score.
+    assert float(data.max()) <= res.best.score + 1e-5
+
+
+def test_candidates_ranked_top_k_and_suppressed(manila_run) -> None:
+    raster, _, res, _ = manila_run
+    cands = res.candidates
+    assert len(cands) == TOP_K
+    assert [c.rank for c in cands] == list(range(1, TOP_K + 1))
+    scores = [c.score for c in cands]
+    assert scores == sorted(scores, reverse=True)
+    nms = QueryConfig().nms_iou
+    for i in range(len(cands)):
+        for j in range(i + 1, len(cands)):
+            assert _iou(cands[i], cands[j]) <= nms + 1e-9, (i, j)
+    to_ll = Transformer.from_crs(CRS.from_wkt(res.crs_wkt), CRS.from_epsg(4326), always_xy=True)
+    for c in cands:
+        lon, lat = to_ll.transform(c.x, c.y)
+        assert (c.lon, c.lat) == pytest.approx((lon, lat), abs=1e-7)
+        x0, y0, x1, y1 = _box(c)
+        assert x0 < c.x < x1 and y0 < c.y < y1
+        assert c.polygon[0] == c.polygon[-1]
+
+
+def test_unknown_footprint_runs_a_scale_search(data_dir: Path, embedder, tmp_path: Path) -> None:
+    raster = str(data_dir / FLORIDA)
+    photo = tmp_path / "no_exif.jpg"
+    save_view(_nadir_view(raster, 20.0, seed=1), str(photo))
+    assert read_priors(str(photo)).relative_altitude_m is None
+    res = locate_photo(raster, str(photo), str(tmp_path / "out"), query=QueryConfig(top_k=2),
+                       cache_dir=str(tmp_path / "cache"), embedder=embedder)
+    assert res.footprint_source == "scale search" and res.json_line()["footprint_source"] == "scale search"
+    folders = [p for p in (tmp_path / "cache" / "indexes").iterdir() if (p / "manifest.json").is_file()]
+    assert len(folders) == len(QueryConfig().scale_search)
+    searched = {json.loads((p / "manifest.json").read_text())["tiling"]["footprint_m"] for p in folders}
+    assert len(searched) == len(folders) and res.footprint_m in searched
+
+
+DJI_XMP = b"""<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+<rdf:Description rdf:about="DJI Meta Data" xmlns:drone-dji="http://www.dji.com/drone-dji/1.0/"
+ drone-dji:RelativeAltitude="+20.00" drone-dji:GimbalYawDegree="+0.00" drone-dji:GimbalPitchDegree="-90.00"/>
+</rdf:RDF></x:xmpmeta>"""
+
+
+def test_exif_height_sets_the_footprint(data_dir: Path, embedder, tmp_path: Path) -> None:
+    # The real Inspire 1 photo (FC350: 6.17 mm sensor, 3.61 mm lens, 4:3) with DJI's XMP height added.
+    jpeg = (data_dir / "DJI_0061.JPG").read_bytes()
+    payload = b"http://ns.adobe.com/xap/1.0/\x00" + DJI_XMP
+    photo = tmp_path / "dji_xmp.jpg"
+    photo.write_bytes(jpeg[:2] + struct.pack(">BBH", 0xFF, 0xE1, len(payload) + 2) + payload + jpeg[2:])
+    expected = 20.0 * 6.17 / 3.61 * 0.75  # ~25.6 m: fits the 40 m Florida raster
+    assert read_priors(str(photo)).ground_short_side_m() == pytest.approx(expected)
+    res = locate_photo(str(data_dir / FLORIDA), str(photo), str(tmp_path / "out"), query=QueryConfig(top_k=1),
+                       cache_dir=str(tmp_path / "cache"), embedder=embedder)
+    assert res.footprint_source == "exif"
+    assert res.footprint_m == pytest.approx(expected)
+    assert len(list((tmp_path / "cache" / "indexes").iterdir())) == 1
+
+
+def test_cancel_raises_and_leaves_no_finished_index(data_dir: Path, embedder, tmp_path: Path) -> None:
+    raster = str(data_dir / FLORIDA)
+    photo = tmp_path / "p.jpg"
+    save_view(_nadir_view(raster, 10.0, seed=2), str(photo))
+    out = tmp_path / "out"
+    with pytest.raises(Cancelled):
+        locate_photo(raster, str(photo), str(out), query=QueryConfig(footprint_m=10.0),
+                     cache_dir=str(tmp_path / "cache"), embedder=embedder, cancel=lambda: True)
+    assert not list(tmp_path.rglob("manifest.json"))
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written for the photo either
