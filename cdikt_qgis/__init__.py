@@ -59,17 +59,34 @@ def _site_packages_candidates() -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _ensure_torch_on_path() -> None:
-    """Append a configured env's site-packages when torch is not importable as installed.
+def _add_site_dir_before_system(path: str) -> None:
+    """Put an env's site-packages (and its .pth entries) just before the system's site-packages.
 
-    Appended (not prepended) so the libraries QGIS ships (numpy, GDAL bindings) keep winning.
+    That is the order the env's own interpreter uses. Appended, it loses to older system copies of
+    torch's pure-Python deps (Debian's sympy 1.11 vs torch's sympy>=1.13: torchvision then fails to
+    import torch._dynamo). numpy is imported first so QGIS's own numpy, the one GDAL's bindings are
+    built against, stays the one in use.
     """
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        pass
+    before = list(sys.path)
+    site.addsitedir(path)
+    added = [p for p in sys.path if p not in before]
+    first_site = next((i for i, p in enumerate(before)
+                       if p.rstrip("/").endswith(("site-packages", "dist-packages"))), len(before))
+    sys.path[:] = before[:first_site] + added + before[first_site:]
+    importlib.invalidate_caches()
+
+
+def _ensure_torch_on_path() -> None:
+    """Add a configured env's site-packages when torch is not importable as installed."""
     if importlib.util.find_spec("torch") is not None:
         return
     for candidate in _site_packages_candidates():
         if os.path.isdir(candidate) and candidate not in sys.path:
-            site.addsitedir(candidate)
-            importlib.invalidate_caches()
+            _add_site_dir_before_system(candidate)
             if importlib.util.find_spec("torch") is not None:
                 return
 

@@ -204,18 +204,23 @@ class CdiktPlugin:
         self.provider = None
 
     def initProcessing(self) -> None:  # noqa: N802 (QGIS API)
-        """Hook for the Processing provider (batch, modeler, qgis_process).
+        """Register the CDIKT Processing provider (toolbox, batch, modeler, qgis_process).
 
         QGIS calls this for plugins with hasProcessingProvider=yes and initGui calls it too, so it
-        must stay idempotent. To add the provider, replace the comment below with
-        ``self.provider = CdiktProvider()`` and
-        ``QgsApplication.processingRegistry().addProvider(self.provider)``; ``unload`` already
-        removes whatever sits in ``self.provider``. Nothing is registered yet.
+        must stay idempotent; ``unload`` removes whatever sits in ``self.provider``. The registry
+        refuses a second provider with the same id (and owns what it is given), so only an accepted
+        provider is kept: unload must never remove another instance's provider.
         """
         cdikt_log.install()
         if self.provider is not None:
             return
-        # <- the Processing provider is created and registered here
+        from .processing import CdiktProvider
+
+        provider = CdiktProvider()
+        if QgsApplication.processingRegistry().addProvider(provider):
+            self.provider = provider
+        else:
+            logger.warning("A Processing provider with id 'cdikt' is already registered; not adding another.")
 
     def initGui(self) -> None:  # noqa: N802 (QGIS API)
         cdikt_log.install()

@@ -14,9 +14,17 @@ def test_class_factory_without_iface_supports_processing_only(qgis_app) -> None:
 
     plugin = cdikt_qgis.classFactory(None)
     assert isinstance(plugin, CdiktPlugin), getattr(plugin, "error", "")
+    from qgis.core import QgsApplication
+
+    registry = QgsApplication.processingRegistry()
     plugin.initProcessing()
-    assert plugin.provider is None  # the hook exists; nothing is registered yet
-    plugin.unload()
+    plugin.initProcessing()  # idempotent: QGIS calls it, and initGui calls it again
+    try:
+        assert plugin.provider is not None and registry.providerById("cdikt") is plugin.provider
+        assert sorted(a.id() for a in plugin.provider.algorithms()) == ["cdikt:index", "cdikt:locate"]
+    finally:
+        plugin.unload()
+    assert registry.providerById("cdikt") is None
 
 
 def test_init_gui_adds_button_menu_and_dock_then_unload_removes_all(iface) -> None:
@@ -121,8 +129,9 @@ import cdikt_qgis
 plugin = cdikt_qgis.classFactory(None)
 print(type(plugin).__name__)
 print(importlib.util.find_spec("torch") is not None)
-import model_backend.config
-print(os.path.realpath(model_backend.config.__file__))
+import torchvision  # torch's own deps must resolve from the env, not older Debian copies
+import model_backend.model
+print(os.path.realpath(model_backend.model.__file__))
 app.exitQgis()
 """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CDIKT_SITE_PACKAGES")}
@@ -132,4 +141,4 @@ app.exitQgis()
     assert out.returncode == 0, out.stderr
     name, torch_found, engine = out.stdout.split()
     assert name == "CdiktPlugin" and torch_found == "True"
-    assert engine == str(ROOT / "model_backend" / "config.py")
+    assert engine == str(ROOT / "model_backend" / "model.py")

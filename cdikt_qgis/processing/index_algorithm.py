@@ -1,0 +1,66 @@
+"""Build tile index: embed every tile of a raster once, ahead of any photo.
+
+Worth running on its own when a big raster should be ready before the photos arrive (overnight,
+on a GPU box, in a model): every later locate with the same raster, footprint, stride and model
+reuses the index from the cache instead of re-embedding the raster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import (
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProcessingOutputFolder,
+    QgsProcessingOutputNumber,
+)
+
+from .common import MODEL_HELP, CdiktAlgorithm, EngineFeedback, engine_errors, import_engine
+
+INDEX_DIR = "INDEX_DIR"
+TILES = "TILES"
+
+
+class BuildIndexAlgorithm(CdiktAlgorithm):
+    """``cdikt:index`` — the engine's ``build_index``, as the CLI's ``index`` command calls it."""
+
+    def name(self) -> str:
+        return "index"
+
+    def displayName(self) -> str:  # noqa: N802 (QGIS API)
+        return "Build tile index"
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return (
+            "<p>Cuts the raster into square tiles of <b>Tile footprint</b> metres on the ground (stepping by "
+            "<b>Stride</b> x footprint) and embeds each one with the neural network, once. The index is stored "
+            "in the cache and reused by <i>Locate drone photos</i> whenever raster, footprint, stride and model "
+            "match, so locating is then fast. An interrupted build resumes where it stopped.</p>"
+            "<p>Outputs: the index folder and the number of tiles embedded (tiles that are mostly nodata are "
+            "skipped).</p>" + MODEL_HELP
+        )
+
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
+        self.add_raster_parameter()
+        self.add_footprint_parameters("Tile footprint (m): ground size of one tile, about a photo's short side")
+        self.add_model_parameters()
+        self.addOutput(QgsProcessingOutputFolder(INDEX_DIR, "Index folder"))
+        self.addOutput(QgsProcessingOutputNumber(TILES, "Number of tiles"))
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        inputs = self.inputs()
+        bridge = EngineFeedback(feedback)
+        import_engine()
+        from model_backend.indexing import build_index
+
+        with engine_errors():
+            if bridge.cancel():  # cancelled before the start: do not even load the model
+                from model_backend.errors import Cancelled
+
+                raise Cancelled()
+            idx = build_index(inputs.source.path, inputs.tiling(), inputs.model(), cache_dir=inputs.cache_dir,
+                              progress=bridge.progress, cancel=bridge.cancel)
+        bridge.feedback.pushInfo(f"Index of {idx.n_tiles} tiles ({idx.grid.footprint_m:g} m footprint): {idx.folder}")
+        return {INDEX_DIR: str(idx.folder), TILES: idx.n_tiles}

@@ -1,0 +1,41 @@
+"""The CDIKT Processing provider: registered by the plugin's initProcessing(), removed by unload().
+
+qgis_process loads plugins with hasProcessingProvider=yes through classFactory(None) and
+initProcessing() only, so nothing here may need iface or import torch.
+"""
+
+from __future__ import annotations
+
+from qgis.core import QgsApplication, QgsProcessingProvider
+from qgis.PyQt.QtGui import QIcon
+
+from .index_algorithm import BuildIndexAlgorithm
+from .locate_algorithm import LocatePhotosAlgorithm
+
+PROVIDER_ID = "cdikt"
+
+
+class CdiktProvider(QgsProcessingProvider):
+    """Provider ``cdikt``: Build tile index (``cdikt:index``) and Locate drone photos (``cdikt:locate``).
+
+    "Adapt model" joins once the engine has an adapt function (it is not faked here).
+    """
+
+    def id(self) -> str:
+        return PROVIDER_ID
+
+    def name(self) -> str:
+        return "CDIKT"
+
+    def longName(self) -> str:  # noqa: N802 (QGIS API)
+        return "CDIKT drone photo localisation"
+
+    def icon(self) -> QIcon:
+        from ..plugin import icon_path  # the toolbar's icon; plugin.py is loaded already when QGIS asks
+
+        path = icon_path()
+        return QIcon(path) if path else QgsApplication.getThemeIcon("/processingAlgorithm.svg")
+
+    def loadAlgorithms(self) -> None:  # noqa: N802
+        for alg in (BuildIndexAlgorithm(), LocatePhotosAlgorithm()):
+            self.addAlgorithm(alg)

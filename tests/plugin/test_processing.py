@@ -1,0 +1,271 @@
+"""The CDIKT Processing provider: cdikt:index and cdikt:locate through processing.run, and qgis_process.
+
+Runs the real engine on the bundled Manila orthophoto (205 m at 0.1 m) with 40 m footprints (52 of
+81 tiles kept, the rest is nodata collar), on photos rendered from the raster by the engine's own
+view simulator. Tests that only need *an* index share one cache folder, so the raster is embedded
+once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from .qgis_helpers import DATA, ROOT
+
+RASTER = DATA / "manila_oam_0.10m.tif"
+FOOTPRINT = 40.0
+QGIS_PYTHON_PLUGINS = "/usr/share/qgis/python/plugins"
+
+
+@pytest.fixture(scope="module")
+def provider(qgis_app):
+    """Processing initialised in the test QGIS, and the plugin's provider registered as QGIS would."""
+    if QGIS_PYTHON_PLUGINS not in sys.path:
+        sys.path.append(QGIS_PYTHON_PLUGINS)
+    from processing.core.Processing import Processing
+    from qgis.core import QgsApplication
+
+    import cdikt_qgis
+
+    Processing.initialize()
+    QgsApplication.processingRegistry().removeProvider("cdikt")  # left by a test that failed before unload()
+    plugin = cdikt_qgis.classFactory(None)
+    plugin.initProcessing()
+    assert plugin.provider is not None, getattr(plugin, "error", "") or (
+        "a 'cdikt' provider leaked by an earlier test (a plugin dropped without unload()) blocks registration")
+    yield plugin.provider
+    plugin.unload()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of two simulated drone photos (with their truth sidecars, which must be ignored)."""
+    from model_backend.synth import make_views, save_view
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name, view in zip(("view_a.jpg", "view_b.jpg"), make_views(str(RASTER), 2, FOOTPRINT, seed=5)):
+        save_view(view, str(folder / name))
+    return folder
+
+
+def _run(alg_id: str, params: dict, feedback=None) -> dict:
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    return processing.run(alg_id, params, feedback=feedback or QgsProcessingFeedback())
+
+
+def _raster_crs():
+    from qgis.core import QgsRasterLayer
+
+    return QgsRasterLayer(str(RASTER), "manila").crs()
+
+
+def test_provider_offers_index_and_locate_with_help_and_defaults(provider) -> None:
+    from qgis.core import QgsApplication
+
+    import cdikt_qgis
+
+    registry = QgsApplication.processingRegistry()
+    assert registry.providerById("cdikt") is provider and provider.name() == "CDIKT"
+    assert sorted(a.id() for a in provider.algorithms()) == ["cdikt:index", "cdikt:locate"]
+    assert registry.algorithmById("cdikt:adapt") is None  # waits for the engine's adapt function
+    for alg in provider.algorithms():
+        assert "<p>" in alg.shortHelpString() and alg.canExecute()[0]
+        defaults = {p.name(): p.defaultValue() for p in alg.parameterDefinitions()}
+        assert defaults["FOOTPRINT"] == 60.0 and defaults["STRIDE"] == 0.5 and defaults["DEVICE"] == "auto"
+    locate = registry.algorithmById("cdikt:locate")
+    assert locate.parameterDefinition("TOP_K").defaultValue() == 5
+    assert locate.parameterDefinition("FOOTPRINT_FROM_EXIF").defaultValue() is False
+
+    second = cdikt_qgis.classFactory(None)  # a second instance must not replace or remove the first's provider
+    second.initProcessing()
+    assert second.provider is None
+    second.unload()
+    assert registry.providerById("cdikt") is provider
+
+
+def test_index_reports_its_folder_and_tile_count_and_is_reused(provider, cache: Path) -> None:
+    from qgis.core import QgsProcessingFeedback
+
+    feedback = QgsProcessingFeedback()
+    seen: list[float] = []
+    feedback.progressChanged.connect(seen.append)
+    params = {"RASTER": str(RASTER), "FOOTPRINT": FOOTPRINT, "CACHE_DIR": str(cache)}
+    first = _run("cdikt:index", params, feedback)
+    assert first["TILES"] > 0
+    assert (Path(first["INDEX_DIR"]) / "manifest.json").is_file()
+    assert Path(first["INDEX_DIR"]).is_relative_to(cache)
+    assert seen and max(seen) == pytest.approx(100.0)
+    again = _run("cdikt:index", {**params, "STRIDE": 0.5})
+    assert again == first
+
+
+def test_locate_a_folder_writes_a_heatmap_per_photo_and_one_matches_layer(provider, cache, photos, tmp_path) -> None:
+    from qgis.core import QgsRasterLayer, QgsVectorLayer, QgsWkbTypes
+
+    out = tmp_path / "run"
+    res = _run("cdikt:locate", {
+        "RASTER": str(RASTER), "PHOTOS": [str(photos)], "FOOTPRINT": FOOTPRINT, "TOP_K": 3,
+        "CACHE_DIR": str(cache), "HEATMAPS": str(out / "heatmaps"), "OUTPUT": str(out / "matches.gpkg"),
+    })
+    assert res["LOCATED"] == 2 and res["FAILED"] == 0
+    assert sorted(Path(p).name for p in res["HEATMAP_LAYERS"]) == ["view_a.heatmap.tif", "view_b.heatmap.tif"]
+    crs = _raster_crs()
+    for path in res["HEATMAP_LAYERS"]:
+        heat = QgsRasterLayer(path, "heat")
+        assert heat.isValid() and heat.crs() == crs and Path(path).parent == out / "heatmaps"
+
+    matches = QgsVectorLayer(res["OUTPUT"], "matches")
+    assert matches.isValid() and matches.crs() == crs
+    assert matches.featureCount() == 3 * 2
+    by_photo: dict[str, list[int]] = {}
+    for f in matches.getFeatures():
+        by_photo.setdefault(f["photo"], []).append(f["rank"])
+        assert f.geometry().type() == QgsWkbTypes.PolygonGeometry and not f.geometry().isEmpty()
+    assert {k: sorted(v) for k, v in by_photo.items()} == {"view_a.jpg": [1, 2, 3], "view_b.jpg": [1, 2, 3]}
+
+
+def test_run_and_load_adds_styled_heatmap_and_matches_layers(provider, cache, photos, tmp_path) -> None:
+    import processing
+    from qgis.core import QgsProject, QgsRasterLayer, QgsRuleBasedRenderer, QgsSingleBandPseudoColorRenderer
+
+    res = processing.runAndLoadResults("cdikt:locate", {
+        "RASTER": str(RASTER), "PHOTOS": str(photos / "view_b.jpg"), "FOOTPRINT": FOOTPRINT, "TOP_K": 2,
+        "CACHE_DIR": str(cache), "OUTPUT": str(tmp_path / "matches.geojson"),
+    })
+    assert (tmp_path / "matches.geojson").is_file()
+    assert Path(res["HEATMAPS"]) == tmp_path / "matches_heatmaps"  # no folder given: beside the matches
+    layers = list(QgsProject.instance().mapLayers().values())
+    heat = [lyr for lyr in layers if isinstance(lyr, QgsRasterLayer)]
+    vec = [lyr for lyr in layers if not isinstance(lyr, QgsRasterLayer)]
+    assert len(heat) == 1 and len(vec) == 1
+    assert heat[0].name() == "view_b.jpg similarity" and heat[0].crs() == _raster_crs()
+    assert isinstance(heat[0].renderer(), QgsSingleBandPseudoColorRenderer)
+    assert isinstance(vec[0].renderer(), QgsRuleBasedRenderer) and vec[0].featureCount() == 2
+
+
+@pytest.mark.parametrize("case", ["missing photo", "footprint too large", "index footprint too large"])
+def test_invalid_parameters_give_the_engine_one_line_message(provider, photos, tmp_path, case: str) -> None:
+    from qgis.core import QgsProcessingException
+
+    params = {"RASTER": str(RASTER), "PHOTOS": [str(photos / "view_a.jpg")], "FOOTPRINT": FOOTPRINT,
+              "HEATMAPS": str(tmp_path / "h"), "OUTPUT": str(tmp_path / "m.gpkg")}
+    alg, expected = "cdikt:locate", "larger than the raster"
+    if case == "missing photo":
+        params["PHOTOS"] = [str(tmp_path / "nowhere.jpg")]
+        expected = "Photo not found"
+    else:
+        params["FOOTPRINT"] = 4000.0
+        if case.startswith("index"):
+            alg = "cdikt:index"
+    with pytest.raises(QgsProcessingException) as err:
+        _run(alg, params)
+    message = str(err.value)
+    assert expected in message and "\n" not in message.strip() and "Traceback" not in message
+
+
+@pytest.mark.parametrize("alg", ["cdikt:index", "cdikt:locate"])
+def test_cancelled_before_start_builds_no_index(provider, photos, tmp_path, alg: str) -> None:
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
+
+    feedback = QgsProcessingFeedback()
+    feedback.cancel()
+    cache = tmp_path / "cache"
+    params = {"RASTER": str(RASTER), "PHOTOS": [str(photos)], "FOOTPRINT": FOOTPRINT, "CACHE_DIR": str(cache),
+              "HEATMAPS": str(tmp_path / "h"), "OUTPUT": str(tmp_path / "m.gpkg")}
+    if alg == "cdikt:index":
+        params = {k: params[k] for k in ("RASTER", "FOOTPRINT", "CACHE_DIR")}
+    with pytest.raises(QgsProcessingException, match="Cancelled"):
+        _run(alg, params, feedback)
+    assert list(cache.glob("**/manifest.json")) == []
+    assert not (tmp_path / "h").exists() and not (tmp_path / "m.gpkg").exists()
+
+
+def _cancel_after_first_check():
+    """Feedback whose user presses Cancel once the engine runs (the first check is the algorithm's own).
+
+    QgsFeedback.isCanceled is not virtual, but the algorithms ask it from Python, so this override is
+    what the engine's cancel callable sees.
+    """
+    from qgis.core import QgsProcessingFeedback
+
+    class Feedback(QgsProcessingFeedback):
+        checks = 0
+
+        def isCanceled(self) -> bool:  # noqa: N802 (QGIS API)
+            self.checks += 1
+            return self.checks > 1
+
+    return Feedback()
+
+
+def test_cancel_while_indexing_stops_the_engine_and_keeps_no_finished_index(provider, tmp_path) -> None:
+    from qgis.core import QgsProcessingException
+
+    feedback = _cancel_after_first_check()
+    with pytest.raises(QgsProcessingException, match="Cancelled"):
+        _run("cdikt:index", {"RASTER": str(RASTER), "FOOTPRINT": FOOTPRINT, "CACHE_DIR": str(tmp_path)}, feedback)
+    assert feedback.checks >= 2  # the engine itself asked, through the feedback
+    assert list(tmp_path.glob("**/manifest.json")) == []
+
+
+def _qgis_process() -> str | None:
+    """The qgis_process binary. Debian's /usr/bin/qgis_process wrapper passes QGIS_OPTS=--noversioncheck
+    from /etc/default/qgis, which qgis_process 3.22 rejects ("Command --noversioncheck not known!"),
+    so the binary it wraps is called directly when present."""
+    return shutil.which("qgis_process.bin") or shutil.which("qgis_process")
+
+
+def _plugins_folder(root: Path) -> Path:
+    """A plugins folder as `make install` lays it out: cdikt_qgis/ of links into the checkout + metadata.txt.
+
+    Linking the package folder alone is not enough: QGIS only lists plugin folders holding metadata.txt,
+    which lives at the repository root.
+    """
+    folder = root / "plugins" / "cdikt_qgis"
+    folder.mkdir(parents=True)
+    for entry in [*(ROOT / "cdikt_qgis").iterdir(), ROOT / "metadata.txt"]:
+        if entry.name != "__pycache__":
+            (folder / entry.name).symlink_to(entry)
+    return folder.parent
+
+
+@pytest.mark.skipif(_qgis_process() is None, reason="qgis_process is not installed")
+def test_qgis_process_runs_locate_headless(photos, cache, tmp_path) -> None:
+    """What a user scripts: enable the plugin in a throwaway profile, then `qgis_process run cdikt:locate`."""
+    exe = _qgis_process()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(QGIS_PLUGINPATH=str(_plugins_folder(tmp_path)), QT_QPA_PLATFORM="offscreen",
+               HOME=str(tmp_path / "home"), QGIS_CUSTOM_CONFIG_PATH=str(tmp_path / "profile"),
+               CDIKT_CACHE_DIR=str(cache), XDG_RUNTIME_DIR=str(tmp_path / "runtime"))
+    (tmp_path / "runtime").mkdir(mode=0o700)
+    enable = subprocess.run([exe, "plugins", "enable", "cdikt_qgis"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert enable.returncode == 0, enable.stdout + enable.stderr
+    out = tmp_path / "out"
+    cmd = [exe, "--json", "run", "cdikt:locate", "--", f"RASTER={RASTER}", f"PHOTOS={photos}",
+           f"FOOTPRINT={FOOTPRINT:g}", "TOP_K=2", f"OUTPUT={out / 'matches.gpkg'}"]
+    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(run.stdout[run.stdout.index("{"):])["results"]
+    assert results["LOCATED"] == 2 and Path(results["OUTPUT"]) == out / "matches.gpkg"
+    assert sorted(p.name for p in (out / "matches_heatmaps").glob("*.heatmap.tif")) == [
+        "view_a.heatmap.tif", "view_b.heatmap.tif"]
+    assert (out / "matches.gpkg").is_file()
+    # the user's own profile and home were never touched
+    assert (tmp_path / "profile" / "profiles" / "default").is_dir()
