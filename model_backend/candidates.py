@@ -35,12 +35,39 @@ class Candidate:
     """Footprint centre in WGS84 degrees."""
     lat: float
     polygon: list[tuple[float, float]]
-    """Closed ring in the raster's CRS, counter-clockwise."""
+    """Closed ring in the raster's CRS, counter-clockwise: the photo's footprint when verified, else the tile."""
+    # Geometric verification (model_backend.verify); None while it has not run.
+    verified: bool | None = None
+    """True when a sane homography put the photo here with confidence >= the threshold."""
+    confidence: float | None = None
+    """Calibrated (on synthetic views) probability that the verified footprint is right; 0 if unverified."""
+    inliers: int | None = None
+    heading_deg: float | None = None
+    """Direction of the photo's top edge, clockwise from grid north (verified only)."""
+    gsd_m: float | None = None
+    """The photo's mean ground metres per pixel (verified only)."""
+    tile_x: float | None = None
+    """Centre of the retrieved tile, raster CRS, when x/y were refined by verification."""
+    tile_y: float | None = None
+    tile_polygon: list[tuple[float, float]] | None = None
 
     def to_properties(self) -> dict:
-        """The scalar fields as plain Python numbers, ready for GeoJSON / GPKG attributes."""
-        return {"rank": int(self.rank), "score": float(self.score), "x": float(self.x), "y": float(self.y),
-                "lon": float(self.lon), "lat": float(self.lat)}
+        """The scalar fields as plain Python numbers, ready for GeoJSON / GPKG attributes.
+
+        Verification fields are added only once verification ran, so unverified outputs keep
+        the original schema.
+        """
+        props = {"rank": int(self.rank), "score": float(self.score), "x": float(self.x), "y": float(self.y),
+                 "lon": float(self.lon), "lat": float(self.lat)}
+        if self.verified is not None:
+            props.update(verified=bool(self.verified), confidence=float(self.confidence or 0.0),
+                         inliers=int(self.inliers or 0), heading_deg=_opt(self.heading_deg),
+                         gsd_m=_opt(self.gsd_m), tile_x=_opt(self.tile_x), tile_y=_opt(self.tile_y))
+        return props
+
+
+def _opt(v: float | None) -> float | None:
+    return None if v is None else float(v)
 
 
 @lru_cache(maxsize=16)

@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--stride", type=float, default=0.5, help="tile step as a fraction of the footprint (1/n)")
     p.add_argument("--cache-dir", help="where indexes are kept (default: $CDIKT_CACHE_DIR or ~/.cache/cdikt-qgis)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+                   help="CPU inference engine (default auto: OpenVINO, else ONNX Runtime, else PyTorch)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -51,7 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=QueryConfig.top_k)
     p.add_argument("--rotations", type=int, default=QueryConfig.rotations,
                    help="headings tried for photos of unknown heading")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="match local features to refine the footprint (default: when the photo looks down "
+                        "within 30 degrees of nadir, or its pitch is unknown)")
+    p.add_argument("--prior-radius-m", type=float,
+                   help="score only tiles within this many metres of the photo's GPS position (EXIF)")
     _common(p)
+
+    p = sub.add_parser("evaluate", help="benchmark retrieval (R@1/5/10, AP) on University-1652 or SUES-200")
+    p.add_argument("--layout", required=True, help="university1652 or sues200")
+    p.add_argument("--data", required=True, help="dataset folder (University-1652: train/ and test/; "
+                                                 "SUES-200: Training/ and Testing/)")
+    p.add_argument("--height", type=int, help="SUES-200 flight height in metres: 150, 200, 250 or 300")
+    p.add_argument("--weights", help="model weights file (.safetensors or .pth); default: the embedded model")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("-v", "--verbose", action="store_true")
     return ap
 
 
@@ -69,12 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    model = ModelConfig(weights=args.weights, device=args.device, batch_size=args.batch_size)
+    model = ModelConfig(weights=args.weights, device=args.device, batch_size=args.batch_size,
+                        runtime=getattr(args, "runtime", "auto"))
     try:
         if args.batch_size < 1:  # 0 would loop forever on empty batches
             raise_user(f"--batch-size must be at least 1, got {args.batch_size}.")
         if args.weights and not Path(args.weights).exists():  # before torch is imported: fails in a blink
             raise_user(f"Weights file not found: {args.weights}. Check --weights.")
+        if args.command == "evaluate":
+            return _evaluate(args)
         if args.command == "index":
             return _index(args, model)
         return _locate(args, model)
@@ -89,6 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_layout
+
+    result = evaluate_layout(args.layout, args.data, weights=args.weights, height=args.height,
+                             batch_size=args.batch_size, device=args.device, progress=_progress(args.verbose))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def _index(args: argparse.Namespace, model: ModelConfig) -> int:
     from .raster import open_raster
     from .tiling import make_grid
@@ -96,12 +125,32 @@ def _index(args: argparse.Namespace, model: ModelConfig) -> int:
     tiling = TilingConfig(footprint_m=args.footprint_m, stride=args.stride)
     make_grid(open_raster(args.raster), tiling)  # bad raster or footprint: fail before importing the model
 
+    from .distributed import env_world_size
+
+    if env_world_size() > 1:  # started by torchrun: this rank embeds its share, rank 0 merges
+        return _index_sharded(args, tiling, model)
+
     from .indexing import build_index
 
     idx = build_index(args.raster, tiling, model,
                       cache_dir=args.cache_dir, progress=_progress(args.verbose))
     print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
                       "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds")}))
+    return 0
+
+
+def _index_sharded(args: argparse.Namespace, tiling: TilingConfig, model: ModelConfig) -> int:
+    from .distributed import current_shard, index_sharded, shutdown
+
+    try:
+        idx = index_sharded(args.raster, tiling, model, cache_dir=args.cache_dir, progress=_progress(args.verbose))
+        shard = current_shard()
+        if shard.is_main and idx is not None:
+            print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
+                              "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds"),
+                              "world_size": shard.world}), flush=True)
+    finally:
+        shutdown()
     return 0
 
 
@@ -114,6 +163,8 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
         raise_user(f"--top-k must be at least 1, got {args.top_k}.")
     if args.footprint_m is not None and args.footprint_m <= 0:
         raise_user(f"--footprint-m must be positive, got {args.footprint_m}.")
+    if args.prior_radius_m is not None and not args.prior_radius_m > 0:
+        raise_user(f"--prior-radius-m must be a positive number of metres, got {args.prior_radius_m}.")
     info = open_raster(args.raster)
     tiling = TilingConfig(stride=args.stride)
     cells_per_tile(args.stride)
@@ -137,12 +188,13 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
     from .locate import locate_photo
     from .model import EmbeddingModel
 
-    net = EmbeddingModel.load(model.weights, model.device, model.threads)
+    net = EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
     query = QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m)
     for photo in photos:
         try:
             res = locate_photo(args.raster, photo, args.out, tiling=tiling, query=query, model=model,
-                               cache_dir=args.cache_dir, progress=_progress(args.verbose), embedder=net)
+                               cache_dir=args.cache_dir, progress=_progress(args.verbose), embedder=net,
+                               verify=args.verify, prior_radius_m=args.prior_radius_m)
         except Cancelled:
             raise
         except CdiktError as exc:

@@ -38,6 +38,9 @@ class ModelConfig:
     batch_size: int = 32
     threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
+    runtime: str = "auto"
+    """CPU inference engine: 'auto' (OpenVINO, else ONNX Runtime, else PyTorch), 'torch', 'openvino' or
+    'onnxruntime'. CUDA always runs PyTorch. Embeddings agree across runtimes, so the index key ignores it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

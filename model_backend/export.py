@@ -34,6 +34,8 @@ DECIMALS = 7
 """~1 cm on the ground: below any raster's pixel, and what RFC 7946 suggests is plenty."""
 
 Ring = Sequence[Sequence[float]]
+_REAL_PROPS = ("heading_deg", "gsd_m", "tile_x", "tile_y")
+"""Verification properties that are null when unverified but real numbers otherwise (GPKG field types)."""
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -157,6 +159,7 @@ def _feature_properties(c: Candidate, crs_label: str, extra: dict | None) -> dic
     props: dict[str, Any] = {"rank": base["rank"], "score": base["score"],
                              "photo": _plain((extra or {}).get("photo")), "source_crs": crs_label}
     props.update((k, base[k]) for k in ("x", "y", "lon", "lat"))
+    props.update((k, v) for k, v in base.items() if k not in props)  # verification fields, when present
     for key, value in (extra or {}).items():
         props.setdefault(key, _plain(value))
     return props
@@ -266,7 +269,9 @@ def write_gpkg(path: str | os.PathLike[str], candidates: Sequence[Candidate], cr
 
     label = source_crs_label(crs_wkt)
     rows = [_feature_properties(c, label, properties) for c in candidates]
-    sample = _feature_properties(candidates[0], label, properties) if candidates else \
+    # Field types come from the first non-null value of each property (an unverified #1 has no heading).
+    sample = {k: next((r[k] for r in rows if r.get(k) is not None), 0.0 if k in _REAL_PROPS else v)
+              for k, v in rows[0].items()} if rows else \
         {"rank": 0, "score": 0.0, "photo": "", "source_crs": "", "x": 0.0, "y": 0.0, "lon": 0.0, "lat": 0.0,
          **{k: _plain(v) for k, v in (properties or {}).items()}}
     names = {k: (f"{k}_" if k.lower() in ("fid", "geom") else k) for k in sample}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, TilingConfig
+from .distributed import Shard
 from .errors import Cancelled, InputError
 from .index import INDEX_FORMAT, IndexWriter, TileIndex, default_cache_dir, index_key
 from .model import EmbeddingModel
@@ -106,7 +107,7 @@ def build_index(raster: str, tiling: TilingConfig = TilingConfig(), model: Model
     """Return the finished index for (raster, tiling, model), building only what is missing."""
     info = open_raster(raster)
     grid = make_grid(info, tiling)
-    net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads)
+    net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
     folder = index_folder(info, tiling, net, cache_dir)
     if (folder / "manifest.json").exists():
         try:
@@ -117,11 +118,15 @@ def build_index(raster: str, tiling: TilingConfig = TilingConfig(), model: Model
         except (OSError, ValueError, KeyError):
             log.warning("Index in %s is unreadable; rebuilding it", folder)
             (folder / "manifest.json").unlink(missing_ok=True)
-    return _build(info, grid, tiling, model, net, folder, progress, cancel)
+    idx = _build(info, grid, tiling, model, net, folder, progress, cancel)
+    assert idx is not None  # only ranks other than 0 of a sharded build return None
+    return idx
 
 
 def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelConfig, net: EmbeddingModel,
-           folder: Path, progress: ProgressFn | None, cancel: CancelFn | None) -> TileIndex:
+           folder: Path, progress: ProgressFn | None, cancel: CancelFn | None,
+           shard: Shard | None = None) -> TileIndex | None:
+    """Embed the missing chunks this process owns (all of them unless `shard` says otherwise), then merge."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -131,12 +136,15 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
     done = writer.done_chunks()
     stretch = compute_stretch(info)
     t0 = time.perf_counter()
-    tiles_done = sum(min(writer.chunk_rows_range(c)[1], grid.n_rows) - writer.chunk_rows_range(c)[0]
-                     for c in done) * grid.n_cols
+    shard = shard or Shard()
+    mine = [c for c in range(writer.n_chunks) if shard.owns(c)]
+    tiles_total = sum(writer.chunk_rows_range(c)[1] - writer.chunk_rows_range(c)[0] for c in mine) * grid.n_cols
+    tiles_done = sum(writer.chunk_rows_range(c)[1] - writer.chunk_rows_range(c)[0]
+                     for c in mine if c in done) * grid.n_cols
     if done:
         log.info("Resuming index %s: %d of %d chunks already embedded", folder.name, len(done), writer.n_chunks)
     with StripReader(info, grid, net.meta.input_size, stretch) as reader:
-        for chunk in range(writer.n_chunks):
+        for chunk in mine:
             if chunk in done:
                 continue
             r0, r1 = writer.chunk_rows_range(chunk)
@@ -157,7 +165,13 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
                               np.concatenate(embs) if embs else np.zeros((0, dim), np.float16))
             tiles_done += (r1 - r0) * grid.n_cols
             if progress:
-                progress(tiles_done / grid.n_tiles, f"Embedded {tiles_done:,} of {grid.n_tiles:,} tiles")
+                progress(tiles_done / max(1, tiles_total), f"Embedded {tiles_done:,} of {tiles_total:,} tiles")
+    if shard.world > 1:
+        from .distributed import gather_parts
+
+        gather_parts(writer, shard)  # collective: rank 0 ends up with every chunk
+        if not shard.is_main:
+            return None
     manifest = {
         "format": INDEX_FORMAT,
         "raster": {"path": info.path, "fingerprint": info.fingerprint, "crs_wkt": info.crs_wkt,
@@ -168,6 +182,8 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
         "model": {**net.meta.to_dict(), "config": model.to_dict()},
         "stretch": stretch.to_dict(),
         "device": str(net.device),
+        "runtime": net.runtime,
+        "world_size": shard.world,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return writer.finish(manifest, net.meta.dim)

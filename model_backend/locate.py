@@ -23,8 +23,10 @@ from .heatmap import write_heatmap
 from .index import TileIndex
 from .indexing import CancelFn, ProgressFn, build_index
 from .model import EmbeddingModel
+from .priors import gps_disagrees, gps_xy, ground_distance, nadir_enough, north_up, restrict_to_radius
 from .query import embed_photo, score_tiles
 from .raster import RasterInfo, open_raster
+from .verify import DEFAULT_VERIFY, VerifyConfig, verify_candidates
 
 __all__ = ["Candidate", "LocateResult", "build_index", "locate_photo", "choose_footprints"]
 
@@ -59,6 +61,10 @@ class LocateResult:
             "seconds": round(self.seconds, 3), "footprint_m": round(self.footprint_m, 2),
             "footprint_source": self.footprint_source, "heatmap": self.heatmap_path,
             "geojson": self.geojson_path, "gpkg": self.gpkg_path, "candidates": len(self.candidates),
+            "verified": bool(b.verified), "confidence": None if b.confidence is None else round(b.confidence, 4),
+            "footprint_wkt": "POLYGON ((" + ", ".join(f"{x:.3f} {y:.3f}" for x, y, *_ in b.polygon) + "))",
+            "heading_deg": b.heading_deg, "inliers": b.inliers,
+            **{k: v for k, v in self.extra.items() if k.startswith(("gps_", "verify_"))},
         }
 
 
@@ -79,8 +85,14 @@ def choose_footprints(info: RasterInfo, photo: str, tiling: TilingConfig, query:
 def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
                  query: QueryConfig = QueryConfig(), model: ModelConfig = ModelConfig(),
                  cache_dir: str | None = None, progress: ProgressFn | None = None,
-                 cancel: CancelFn | None = None, embedder: EmbeddingModel | None = None) -> LocateResult:
-    """Locate one photo; writes <stem>.heatmap.tif, .matches.geojson and .matches.gpkg in out_dir."""
+                 cancel: CancelFn | None = None, embedder: EmbeddingModel | None = None,
+                 verify: bool | None = None, prior_radius_m: float | None = None,
+                 verify_config: VerifyConfig = DEFAULT_VERIFY) -> LocateResult:
+    """Locate one photo; writes <stem>.heatmap.tif, .matches.geojson and .matches.gpkg in out_dir.
+
+    verify: geometric verification of the top candidates (None: when the photo looks down enough).
+    prior_radius_m: score only tiles within this many metres of the photo's GPS position, if it has one.
+    """
     t0 = time.perf_counter()
     info = open_raster(raster)
     image = load_photo(photo)
@@ -88,7 +100,15 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     footprints, source = choose_footprints(info, photo, tiling, query)
     out = _prepare_out_dir(out_dir)
 
-    q = embed_photo(net, image, query.rotations)
+    priors = read_priors(photo)
+    gps = gps_xy(priors, info.crs_wkt)
+    if prior_radius_m and gps is None:
+        log.warning("%s has no GPS position; searching the whole raster.", Path(photo).name)
+    do_verify = nadir_enough(priors) if verify is None else verify
+    if priors.yaw_deg is not None:  # heading known: one north-up query instead of the rotation search
+        q = embed_photo(net, north_up(image, priors.yaw_deg), 1)
+    else:
+        q = embed_photo(net, image, query.rotations)
     best: tuple[float, TileIndex, np.ndarray] | None = None
     for i, fp in enumerate(footprints):
         def sub(f: float, msg: str, i: int = i) -> None:
@@ -100,17 +120,34 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
         if cancel and cancel():
             raise Cancelled()
         scores, _ = score_tiles(idx, q)
-        log.info("footprint %.1f m: best score %.4f over %d tiles", fp, float(scores.max()), idx.n_tiles)
-        if best is None or scores.max() > best[2].max():
+        if prior_radius_m and gps is not None:
+            scores = restrict_to_radius(idx.grid, idx.cols, idx.rows, scores, gps, prior_radius_m)
+            if not np.isfinite(scores).any():
+                raise InputError(f"No tile lies within {prior_radius_m:g} m of {Path(photo).name}'s GPS position; "
+                                 "is it on this raster? Use a larger --prior-radius-m or none.")
+        log.info("footprint %.1f m: best score %.4f over %d tiles", fp, float(np.nanmax(scores)), idx.n_tiles)
+        if best is None or np.nanmax(scores) > np.nanmax(best[2]):
             best = (fp, idx, scores)
     assert best is not None
     fp, idx, scores = best
+    stem = Path(photo).stem
+    n_cands = max(query.top_k, verify_config.top_k) if do_verify else query.top_k
+    cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, n_cands, query.nms_iou)
+    extra: dict[str, Any] = {}
+    if do_verify and cands:
+        if progress:
+            progress(0.92, "Verifying candidates")
+        cands, secs = verify_candidates(info, image, cands, fp, verify_config)
+        extra["verify_seconds"] = round(secs, 3)
+    cands = cands[:query.top_k]
     if progress:
         progress(0.95, "Writing heatmap and matches")
-    stem = Path(photo).stem
-    cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, query.top_k, query.nms_iou)
     props = {"photo": str(Path(photo).name), "footprint_m": round(fp, 2),
              "model": idx.manifest["model"]["weights_name"]}
+    if gps is not None and cands:
+        dist = ground_distance(info.crs_wkt, *gps, cands[0].x, cands[0].y)
+        extra.update(gps_distance_m=round(dist, 1), gps_disagrees=gps_disagrees(dist, fp))
+        props["gps_disagrees"] = extra["gps_disagrees"]
     heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), idx.grid, idx.cols, idx.rows, scores)
     gj = write_geojson(str(out / f"{stem}.matches.geojson"), cands, info.crs_wkt, props)
     gp = write_gpkg(str(out / f"{stem}.matches.gpkg"), cands, info.crs_wkt, props)
@@ -119,7 +156,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     return LocateResult(
         photo=str(photo), heatmap_path=heat, geojson_path=gj, gpkg_path=gp, crs_wkt=info.crs_wkt,
         footprint_m=fp, footprint_source=source, candidates=cands, seconds=time.perf_counter() - t0,
-        index_dir=str(idx.folder), model_sha256=net.sha256,
+        index_dir=str(idx.folder), model_sha256=net.sha256, extra=extra,
     )
 
 

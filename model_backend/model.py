@@ -14,12 +14,16 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .runtime import Runner
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ class ModelMeta:
     pooling: str = "gem"
     weights_sha256: str = ""
     weights_name: str = ""
+    backbone: str = ""
+    """For architecture 'cdiktnet': the backbone name (e.g. 'mobilenet_v2', 'convnext_tiny')."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,11 +126,14 @@ class EmbeddingModel:
         self.net = net.eval().to(device)
         self.meta = meta
         self.device = device
+        self.runner: Runner | None = None
+        """A CPU inference runtime (model_backend.runtime) running the same graph; None: PyTorch."""
         if device.type == "cpu":
             self.net = self.net.to(memory_format=torch.channels_last)
 
     @classmethod
-    def load(cls, weights: str | None = None, device: str = "auto", threads: int | None = None) -> EmbeddingModel:
+    def load(cls, weights: str | None = None, device: str = "auto", threads: int | None = None,
+             runtime: str = "auto") -> EmbeddingModel:
         dev = resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
@@ -136,6 +145,16 @@ class EmbeddingModel:
                 raise InputError(f"Weights file not found: {path}. Check --weights.")
             raise InputError(f"Default weights missing ({path}). Run `make setup` to install them.")
         state, meta = _read_weights(path)
+        if meta.architecture == "cdiktnet":  # a trained CDIKTNet: its backbone + pooling, nothing else
+            from .cdiktnet.cdis import load_inference_net
+
+            try:
+                cdikt = load_inference_net(state, meta.backbone, meta.pooling, meta.dim)
+            except InputError as exc:
+                raise InputError(f"{path.name}: {exc}") from None
+            model = cls(cdikt, meta, dev)
+            model.set_runtime(runtime, threads)
+            return model
         net = MobileNetV2Embedder(pooling=meta.pooling)
         target = net.features.state_dict()
         if not all(k in target for k in state):
@@ -146,7 +165,26 @@ class EmbeddingModel:
             detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), type(exc).__name__)
             raise InputError(f"{path.name} does not fit MobileNetV2 ({detail[:160]}); wrong file?") from None
         log.info("Loaded %s (%s) on %s", path.name, meta.weights_sha256[:12], dev)
-        return cls(net, meta, dev)
+        model = cls(net, meta, dev)
+        model.set_runtime(runtime, threads)
+        return model
+
+    def set_runtime(self, runtime: str = "auto", threads: int | None = None) -> str:
+        """Pick the engine that runs `embed` ('auto', 'torch', 'openvino', 'onnxruntime'); returns the one in use.
+
+        Embeddings agree across runtimes (checked when the runner is made), so indexes built by
+        one are queried by another: the index key does not depend on it, the manifest records it.
+        """
+        from .runtime import RuntimeSpec, select_runner
+
+        spec = RuntimeSpec(self.meta.weights_sha256 or "unhashed", self.meta.input_size,
+                           self.meta.architecture, self.meta.pooling)
+        self.runner = select_runner(runtime, self.net, spec, self.device, threads)
+        return self.runtime
+
+    @property
+    def runtime(self) -> str:
+        return self.runner.name if self.runner is not None else "torch"
 
     @property
     def sha256(self) -> str:
@@ -155,6 +193,8 @@ class EmbeddingModel:
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) float images already normalised → (B, dim) float32 unit vectors."""
+        if self.runner is not None:
+            return self.runner(np.ascontiguousarray(batch.numpy(), dtype=np.float32))
         x = batch.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
@@ -166,10 +206,20 @@ class EmbeddingModel:
 
     def normalise(self, images_uint8: np.ndarray) -> torch.Tensor:
         """(B, H, W, 3) uint8 → (B, 3, H, W) float tensor with the model's mean/std."""
-        t = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.meta.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.meta.std).view(1, 3, 1, 1)
-        return (t - mean) / std
+        # One fused numpy pass (x * 1/(255 std) - mean/std), single-threaded: it runs in the indexing
+        # reader thread beside the model, where torch's multi-pass version cost ~1 ms of CPU per tile.
+        img = np.asarray(images_uint8)
+        scale = (1.0 / (255.0 * np.asarray(self.meta.std, np.float64))).astype(np.float32)
+        shift = (-np.asarray(self.meta.mean, np.float64) / np.asarray(self.meta.std, np.float64)).astype(np.float32)
+        if self.runner is None and self.device.type == "cpu":  # PyTorch on CPU runs channels_last: NHWC memory
+            out = np.multiply(img, scale, dtype=np.float32)
+            out += shift
+            return torch.from_numpy(out).permute(0, 3, 1, 2)
+        out = np.empty((img.shape[0], 3, *img.shape[1:3]), np.float32)  # ONNX runtimes and CUDA: plain NCHW
+        for c in range(3):
+            np.multiply(img[..., c], scale[c], out=out[:, c], dtype=np.float32)
+            out[:, c] += shift[c]
+        return torch.from_numpy(out)
 
 
 def resolve_device(device: str) -> torch.device:

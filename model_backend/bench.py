@@ -1,0 +1,379 @@
+"""`make bench`: the engine's speed and accuracy figures, for people and as one JSON line.
+
+Kept out of the test suite (tests stay fast) but run on the same code paths the plugin uses:
+`EmbeddingModel.embed`, `build_index`, `score_tiles` + `select_candidates` + `write_heatmap`,
+`embed_photo` and `synthetic_localisation`. The last line printed is one JSON object, so a
+script or CI can keep a history; see docs/benchmarks.md for what each figure means.
+
+Machines are shared and noisy (on the 2-core development VM the model alone swings 2-4x within
+a minute), so the model-alone figure is not timed in a separate window:
+one model-alone batch is timed right after each batch of the end-to-end build, and a
+neighbour's burst slows both sides of the ratio alike. Everything, the CPU runtime's ONNX
+export included, is written under one temporary folder removed at the end: the user's cache
+is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .candidates import select_candidates
+from .config import ModelConfig, TilingConfig
+from .evaluation import synthetic_localisation
+from .exif import load_photo
+from .heatmap import write_heatmap
+from .index import TileIndex
+from .indexing import _batches, build_index
+from .model import EmbeddingModel
+from .query import embed_photo, score_tiles
+from .raster import open_raster
+from .reader import StripReader, compute_stretch
+from .runtime import cpu_threads
+from .tiling import TileGrid, make_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+MOSAIC_SOURCES = (DATA / "manila_oam_0.10m.tif", ROOT / "resources" / "sample" / "manila_oam_0.10m.tif")
+PHOTOS = (DATA / "DJI_0061.JPG", ROOT / "resources" / "sample" / "drone_view.jpg")
+ACCURACY_SETS = (("manila_oam_0.10m.tif", 40.0), ("netherlands_aerial_0.25m_epsg28992.tif", 50.0),
+                 ("bali_pix4d_0.35m_alpha.tif", 50.0))
+"""Rasters of three CRSs, resolutions and mask kinds, with a footprint each fits many times."""
+SEED = 11
+BATCH = 32
+QUERY_SIDE = 317
+"""317 x 317 = 100,489 tiles: the 10^5-tile index of the query figure."""
+
+Say = Callable[[str], None]
+
+
+def _first(paths: tuple[Path, ...]) -> Path:
+    """The test data when present (a checkout), else the copy shipped in resources/ (a package)."""
+    return next((p for p in paths if p.exists()), paths[-1])
+
+
+def mosaic_vrt(src: Path, nx: int, ny: int, folder: Path) -> Path:
+    """An nx x ny VRT mosaic of copies of `src`, each under its own name.
+
+    Distinct files keep GDAL's block cache from serving one copy's decoded blocks for the next,
+    so reading costs what a real mosaic of different images would.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    import rasterio
+
+    with rasterio.open(src) as ds:
+        w, h, gt, srs, count = ds.width, ds.height, ds.transform, ds.crs.to_wkt(), ds.count
+    copies = []
+    for i in range(nx * ny):
+        dst = folder / f"part{i}{src.suffix}"
+        shutil.copyfile(src, dst)
+        copies.append(dst)
+    bands = []
+    for b in range(1, count + 1):
+        sources = "".join(
+            f'<SimpleSource><SourceFilename relativeToVRT="0">{html.escape(str(copies[j * nx + i]))}'
+            f'</SourceFilename><SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" '
+            f'ySize="{h}"/><DstRect xOff="{i * w}" yOff="{j * h}" xSize="{w}" ySize="{h}"/></SimpleSource>'
+            for j in range(ny) for i in range(nx))
+        bands.append(f'<VRTRasterBand dataType="Byte" band="{b}">{sources}</VRTRasterBand>')
+    vrt = folder / "mosaic.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="{w * nx}" rasterYSize="{h * ny}"><SRS>{html.escape(srs)}</SRS>'
+                   f"<GeoTransform>{gt.c!r}, {gt.a!r}, {gt.b!r}, {gt.f!r}, {gt.d!r}, {gt.e!r}</GeoTransform>"
+                   f"{''.join(bands)}</VRTDataset>")
+    return vrt
+
+
+def model_tiling(vrt: Path, input_size: int) -> TilingConfig:
+    """A footprint of `input_size` source pixels, so tiles are read at the raster's own resolution."""
+    info = open_raster(vrt)
+    return TilingConfig(footprint_m=input_size * info.gsd_x_m)
+
+
+@dataclass
+class PairedBuild:
+    """One build_index run with a model-alone batch timed right after each of its batches."""
+
+    index: TileIndex
+    wall_s: float
+    """The whole call, control batches included."""
+    e2e: list[tuple[int, float]] = field(default_factory=list)
+    """(tiles, seconds) from the end of one control batch to the end of the next real batch."""
+    control: list[tuple[int, float]] = field(default_factory=list)
+    """(tiles, seconds) of each model-alone batch."""
+
+
+def paired_build(net: EmbeddingModel, vrt: Path, tiling: TilingConfig, cache: Path,
+                 control: torch.Tensor) -> PairedBuild:
+    """build_index from scratch, with `embed(control)` timed after every real batch.
+
+    On a shared machine the CPU we get changes 2-4x within seconds, so a model-alone window
+    and a build timed one after the other compare two different machines. Paired batch by
+    batch, both sides see the same load. The reader is idle during a control batch (its queue
+    is full: it is far faster than the model), so the pairing leaves the pipeline's own
+    overlap — or lack of it — in the real batches' intervals.
+    """
+    embed = net.embed
+    e2e: list[tuple[int, float]] = []
+    ctl: list[tuple[int, float]] = []
+    last = [time.perf_counter()]
+
+    def paired(batch: torch.Tensor) -> np.ndarray:
+        out = embed(batch)
+        t1 = time.perf_counter()
+        e2e.append((len(out), t1 - last[0]))
+        embed(control)
+        last[0] = time.perf_counter()
+        ctl.append((len(control), last[0] - t1))
+        return out
+
+    net.embed = paired  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        last[0] = t0
+        idx = build_index(str(vrt), tiling, ModelConfig(batch_size=BATCH), cache_dir=cache, embedder=net)
+        wall = time.perf_counter() - t0
+    finally:
+        del net.embed
+    return PairedBuild(idx, wall, e2e, ctl)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def bench_speed(net: EmbeddingModel, tmp: Path, quick: bool, say: Say) -> dict[str, Any]:
+    """Model alone vs build_index end to end, paired batch by batch; also the reader alone and index size."""
+    nx, ny = (2, 1) if quick else (2, 2)
+    src = _first(MOSAIC_SOURCES)
+    size = net.meta.input_size
+    rng = np.random.default_rng(SEED)
+    batch = net.normalise(rng.integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8))
+    for _ in range(2):  # warm-up: allocator, oneDNN primitive cache, CUDA context
+        net.embed(batch)
+
+    # The reader alone (decode + resample + normalise, one thread), on copies nothing has read yet.
+    vrt = mosaic_vrt(src, nx, ny, tmp / "mosaic_reader")
+    tiling = model_tiling(vrt, size)
+    info = open_raster(vrt)
+    grid = make_grid(info, tiling)
+    t0, n_read = time.perf_counter(), 0
+    with StripReader(info, grid, size, compute_stretch(info)) as reader:
+        for cols, _, _ in _batches(reader, net, 0, grid.n_rows, BATCH, tiling.min_valid_fraction):
+            n_read += len(cols)
+    reader_rate = n_read / (time.perf_counter() - t0)
+    say(f"raster   {nx}x{ny} VRT mosaic of {src.name}: {info.width}x{info.height} px, {grid.n_cols}x{grid.n_rows} "
+        f"tiles of {grid.tile_w:.0f} px (footprint {tiling.footprint_m:.2f} m)")
+    say(f"reader   {reader_rate:8.1f} tiles/s  read + normalise alone, one thread ({n_read} tiles)")
+
+    vrt = mosaic_vrt(src, nx, ny, tmp / "mosaic_e2e")  # fresh copies: nothing of them is cached yet
+    run = paired_build(net, vrt, model_tiling(vrt, size), tmp / "cache_e2e", batch)
+    n = run.index.n_tiles
+    ctl_tiles, ctl_s = sum(c[0] for c in run.control), sum(c[1] for c in run.control)
+    model_rate = ctl_tiles / ctl_s
+    e2e_rate = n / (run.wall_s - ctl_s)  # the build's own time: setup, reading, embedding, saving
+    pair = statistics.median((c[1] / c[0]) / (e[1] / e[0]) for e, c in zip(run.e2e, run.control))
+    index_bytes = folder_bytes(run.index.folder) / n * 1e6
+    say(f"model    {model_rate:8.1f} tiles/s  embed() alone, batch {BATCH}, pre-normalised ({len(run.control)} "
+        f"batches, each right after one of the build's)")
+    say(f"e2e      {e2e_rate:8.1f} tiles/s  build_index from scratch: read + embed + store ({n} tiles)")
+    say(f"ratio    {e2e_rate / model_rate:8.3f}        end to end / model alone (target >= 0.85; "
+        f"median batch pair {pair:.3f})")
+    say(f"index    {index_bytes / 1e9:8.3f} GB per 10^6 tiles (measured on the finished index folder)")
+    return {
+        "model_tiles_per_s": round(model_rate, 2), "e2e_tiles_per_s": round(e2e_rate, 2),
+        "e2e_vs_model": round(e2e_rate / model_rate, 3), "e2e_vs_model_median_pair": round(pair, 3),
+        "reader_tiles_per_s": round(reader_rate, 1),
+        "e2e_tiles": n, "e2e_raster": f"{nx}x{ny} VRT mosaic of {src.name}, {info.width}x{info.height} px",
+        "index_bytes_per_1e6_tiles": round(index_bytes),
+    }
+
+
+def bench_query(dim: int, tmp: Path, say: Say, reps: int = 3) -> dict[str, Any]:
+    """Scoring + top-k candidates + heatmap on 10^5 random unit fp16 vectors, photo embedding excluded.
+
+    The vectors are saved and memory-mapped, as `TileIndex.open` does, on a 317 x 317 grid in a
+    real raster's CRS, so the heatmap and candidate code do their real work.
+    """
+    info = open_raster(_first(MOSAIC_SOURCES))
+    step = 112.0
+    side = QUERY_SIDE
+    grid = TileGrid(crs_wkt=info.crs_wkt, transform=info.transform, raster_width=round((side + 1) * step),
+                    raster_height=round((side + 1) * step), tile_w=2 * step, tile_h=2 * step, step_x=step,
+                    step_y=step, cells_per_tile=2, n_cols=side, n_rows=side, footprint_m=2 * step * info.gsd_x_m)
+    n = grid.n_tiles
+    rng = np.random.default_rng(SEED)
+    emb = np.empty((n, dim), np.float16)
+    for s in range(0, n, 8192):  # in chunks: a float32 copy of the whole index would double the peak memory
+        v = rng.standard_normal((min(8192, n - s), dim), dtype=np.float32)
+        emb[s:s + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    folder = tmp / "query_index"
+    folder.mkdir()
+    np.save(folder / "embeddings.npy", emb)
+    del emb
+    rows, cols = np.divmod(np.arange(n, dtype=np.int32), side)
+    idx = TileIndex(folder, {}, np.load(folder / "embeddings.npy", mmap_mode="r"), cols, rows, grid)
+    q = rng.standard_normal((8, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    parts: list[tuple[float, float, float]] = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        scores, _ = score_tiles(idx, q)
+        t1 = time.perf_counter()
+        select_candidates(grid, idx.cols, idx.rows, scores, 5, 0.1)
+        t2 = time.perf_counter()
+        write_heatmap(str(tmp / f"query_heatmap{i}.tif"), grid, idx.cols, idx.rows, scores)
+        parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+    total = statistics.median(sum(p) for p in parts)
+    med = [statistics.median(p[k] for p in parts) for k in range(3)]
+    say(f"query    {total:8.3f} s        {n:,} tiles x {dim}-d fp16, 8 rotations: score {med[0]:.3f} s, "
+        f"top-5 {med[1]:.3f} s, heatmap {med[2]:.3f} s (median of {reps}; target <= 1 s)")
+    return {"query_s_1e5": round(total, 4), "query_tiles": n,
+            "query_parts_s": {"score": round(med[0], 4), "candidates": round(med[1], 4), "heatmap": round(med[2], 4)}}
+
+
+def bench_photo(net: EmbeddingModel, say: Say, reps: int = 3) -> dict[str, Any]:
+    """One real drone photo, decoded once, embedded at 8 headings (what every query pays first)."""
+    path = _first(PHOTOS)
+    t0 = time.perf_counter()
+    image = load_photo(str(path))
+    load_s = time.perf_counter() - t0
+    embed_photo(net, image, 8)  # warm-up: batch of 8 is a new shape for the allocator
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        embed_photo(net, image, 8)
+        times.append(time.perf_counter() - t0)
+    s = statistics.median(times)
+    say(f"photo    {s:8.3f} s        {path.name} ({image.shape[1]}x{image.shape[0]}) at 8 rotations "
+        f"(decode {load_s:.3f} s, not included)")
+    return {"photo_embed_s": round(s, 4), "photo_decode_s": round(load_s, 4)}
+
+
+def bench_accuracy(net: EmbeddingModel, tmp: Path, n_views: int, say: Say) -> dict[str, Any]:
+    """Top-1/top-5 hit rates and centre error on semi-synthetic views of three rasters (seed 11)."""
+    per: dict[str, Any] = {}
+    errors: list[float] = []
+    hit1 = hit5 = n = 0.0
+    for name, fp in ACCURACY_SETS:
+        path = DATA / name
+        if not path.exists():
+            say(f"accuracy {name}: missing (tests/data is not shipped in the plugin package); skipped")
+            continue
+        t0 = time.perf_counter()
+        rep = synthetic_localisation(str(path), n_views, fp, SEED, embedder=net, cache_dir=str(tmp / "cache_acc"))
+        dt = time.perf_counter() - t0
+        per[path.stem] = {**rep.to_dict(), "seconds": round(dt, 1)}
+        errors += rep.errors_m
+        hit1 += rep.hit1 * rep.n
+        hit5 += rep.hit5 * rep.n
+        n += rep.n
+        say(f"accuracy {path.stem:38s} fp {fp:4.0f} m  top1 {rep.hit1:6.1%}  top5 {rep.hit5:6.1%}  "
+            f"median error {rep.median_error_m:7.1f} m  ({rep.n} views, {dt:.0f} s)")
+    if not n:
+        return {"accuracy": per}
+    med = float(np.median(errors))
+    say(f"accuracy {'overall':38s}          top1 {hit1 / n:6.1%}  top5 {hit5 / n:6.1%}  "
+        f"median error {med:7.1f} m  ({int(n)} views)")
+    return {"accuracy_top1": round(hit1 / n, 4), "accuracy_top5": round(hit5 / n, 4),
+            "median_error_m": round(med, 2), "accuracy_views": int(n), "accuracy": per}
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m model_backend.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: smaller mosaic, fewer views (~1 minute)")
+    ap.add_argument("--json-only", action="store_true", help="print only the final JSON line")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    ap.add_argument("--threads", type=int, help="CPU threads for the model (default: the runtime's choice)")
+    ap.add_argument("--runtime", default="auto", help="CPU runtime: auto, torch, openvino or onnxruntime")
+    ap.add_argument("--views", type=int, help="views per raster for accuracy (default 60, quick 12)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed,query,photo,accuracy")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("GDAL_PAM_ENABLED", "NO")  # never write .aux.xml beside tests/data
+    say: Say = (lambda _msg: None) if args.json_only else (lambda msg: print(msg, flush=True))
+    t_start = time.perf_counter()
+    user_cache = os.environ.get("CDIKT_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="cdikt-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        # Before loading: the CPU runtime's ONNX export is cached too, and never in the user's cache.
+        os.environ["CDIKT_CACHE_DIR"] = str(tmp / "cache")
+        try:
+            out = run_all(args, tmp, t_start, say)
+        finally:
+            if user_cache is None:
+                os.environ.pop("CDIKT_CACHE_DIR", None)
+            else:
+                os.environ["CDIKT_CACHE_DIR"] = user_cache
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    say(f"memory   {out['peak_rss_mb']:8.1f} MB peak RSS ({out['rss_after_load_mb']:.0f} MB after loading the "
+        f"model); total {out['seconds']:.0f} s")
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def run_all(args: argparse.Namespace, tmp: Path, t_start: float, say: Say) -> dict[str, Any]:
+    """Load the model, then each part not skipped, in the order the figures are printed."""
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    net = EmbeddingModel.load(device=args.device, threads=args.threads, runtime=args.runtime)
+    threads = torch.get_num_threads() if net.runtime == "torch" else cpu_threads(args.threads)
+    out: dict[str, Any] = {
+        "device": str(net.device), "device_name": device_name(net.device), "runtime": net.runtime,
+        "torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(),
+        "model": net.meta.weights_name, "dim": net.meta.dim, "input_size": net.meta.input_size,
+        "batch_size": BATCH, "quick": args.quick, "model_load_s": round(time.perf_counter() - t_start, 2),
+        "rss_after_load_mb": round(peak_rss_mb(), 1),
+    }
+    say(f"cdikt bench: {out['device_name']} ({out['device']}), runtime {net.runtime} with {threads} threads, "
+        f"torch {out['torch']}, {out['cpu_count']} CPUs, {net.meta.weights_name}{' (quick)' if args.quick else ''}; "
+        f"model load {out['model_load_s']:.1f} s (with the runtime's export)")
+    if "speed" not in skip:
+        out.update(bench_speed(net, tmp, args.quick, say))
+    if "query" not in skip:
+        out.update(bench_query(net.meta.dim, tmp, say))
+    if "photo" not in skip:
+        out.update(bench_photo(net, say))
+    if "accuracy" not in skip:
+        out.update(bench_accuracy(net, tmp, args.views or (12 if args.quick else 60), say))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
