@@ -123,6 +123,25 @@ class LocateDock(QDockWidget):
         self.top_k_spin.setValue(self.settings.top_k)
         self.top_k_spin.setToolTip("How many distinct candidate places to list.")
         form.addRow("Candidates", self.top_k_spin)
+
+        self.verify_check = QCheckBox("Verify footprint (local features)", body)
+        self.verify_check.setChecked(True)
+        self.verify_check.setToolTip(
+            "Match local features between the photo and the raster around the best candidates to recover "
+            "the photo's real footprint, heading and a confidence. Skipped automatically for oblique photos."
+        )
+        form.addRow("", self.verify_check)
+        self.gps_radius_spin = QDoubleSpinBox(body)
+        self.gps_radius_spin.setRange(0.0, 100000.0)
+        self.gps_radius_spin.setDecimals(0)
+        self.gps_radius_spin.setSingleStep(50.0)
+        self.gps_radius_spin.setSuffix(" m")
+        self.gps_radius_spin.setSpecialValueText("anywhere")
+        self.gps_radius_spin.setToolTip(
+            "Search only within this distance of the photo's EXIF GPS position (0 = search the whole raster; "
+            "a best match far from the GPS is flagged either way)."
+        )
+        form.addRow("Near GPS", self.gps_radius_spin)
         outer.addLayout(form)
 
         buttons = QHBoxLayout()
@@ -180,6 +199,8 @@ class LocateDock(QDockWidget):
             layer=self.layer_combo.currentLayer(), photo=self.photo_path(),
             footprint_m=float(self.footprint_spin.value()), footprint_auto=self.footprint_auto.isChecked(),
             top_k=int(self.top_k_spin.value()),
+            verify=None if self.verify_check.isChecked() else False,
+            prior_radius_m=float(self.gps_radius_spin.value()) or None,
         )
 
     def _emit_locate(self) -> None:

@@ -108,8 +108,20 @@ def style_candidates(layer: QgsVectorLayer) -> None:
     """Outline-only footprints labelled by rank; rank 1 thicker and red so it reads first."""
     fields = layer.fields().names()
     has_rank = "rank" in fields
+    has_verified = "verified" in fields
     root = QgsRuleBasedRenderer.Rule(None)
-    if has_rank:
+    if has_rank and has_verified:
+        # Verified candidates are the photo's real footprint (a quadrilateral): solid; unverified
+        # ones are still retrieval tiles: dashed, so nobody mistakes a tile for a footprint.
+        for expr, colour, width, dashed, label in (
+                ('"rank" = 1 AND coalesce("verified", false)', BEST_COLOUR, 1.0, False,
+                 "Best match (verified footprint)"),
+                ('"rank" = 1 AND NOT coalesce("verified", false)', BEST_COLOUR, 0.8, True,
+                 "Best match (tile, not verified)"),
+                ('"rank" <> 1 AND coalesce("verified", false)', OTHER_COLOUR, 0.6, False, "Verified footprints"),
+                ("ELSE", OTHER_COLOUR, 0.4, True, "Other candidate tiles")):
+            root.appendChild(QgsRuleBasedRenderer.Rule(_outline(colour, width, dashed), 0, 0, expr, label))
+    elif has_rank:
         others = QgsRuleBasedRenderer.Rule(_outline(OTHER_COLOUR, 0.5), 0, 0, "ELSE", "Other candidates")
         best = QgsRuleBasedRenderer.Rule(_outline(BEST_COLOUR, 1.0), 0, 0, '"rank" = 1', "Best match")
         root.appendChild(best)
@@ -134,7 +146,10 @@ def style_candidates(layer: QgsVectorLayer) -> None:
     buffer.setColor(QColor("black"))
     text.setBuffer(buffer)
     pal = QgsPalLayerSettings()
-    pal.fieldName = "'#' || \"rank\"" if has_rank else "'#' || ($id)"
+    if has_rank and has_verified:
+        pal.fieldName = ("'#' || \"rank\" || if(\"verified\", ' ✓ ' || format_number(\"confidence\", 2), '')")
+    else:
+        pal.fieldName = "'#' || \"rank\"" if has_rank else "'#' || ($id)"
     pal.isExpression = True
     pal.setFormat(text)
     pal.placement = QgsPalLayerSettings.OverPoint

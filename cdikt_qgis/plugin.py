@@ -90,6 +90,7 @@ class LocateController(QObject):
             self.request, source, photo, out_dir, footprint_m=params.footprint_m,
             footprint_auto=params.footprint_auto, top_k=params.top_k, cache_dir=self.settings.cache_dir,
             weights=self.settings.weights_path, on_done=self._finished,
+            verify=params.verify, prior_radius_m=params.prior_radius_m,
         )
         task.progressed.connect(self._progress)
         self.task = task
@@ -181,7 +182,16 @@ class LocateController(QObject):
         best = result.candidates[0] if result.candidates else None
         where = (f"best at lat {best.lat:.6f}, lon {best.lon:.6f} (score {best.score:.3f})"
                  if best else "no candidate")
+        if best is not None and getattr(best, "verified", None):
+            where += (f"; footprint verified ({best.inliers} inliers, confidence {best.confidence:.2f}, "
+                      f"heading {best.heading_deg:.0f}°, {100 * best.gsd_m:.1f} cm/px)")
+        elif best is not None and getattr(best, "verified", None) is False:
+            where += "; not verified: showing the best tile"
         self.dock.set_status(f"{len(result.candidates)} candidates, {where}; {task.message}.")
+        gps = getattr(result, "extra", {}) or {}
+        if gps.get("gps_disagrees"):
+            self._push(f"The best match is {gps.get('gps_distance_m', 0):.0f} m from the photo's GPS position; "
+                       "check the candidates or search near the GPS.", Qgis.Warning)
 
 
 def _disconnect(task: LocateTask, slot) -> None:

@@ -37,6 +37,9 @@ class LocateParams:
     footprint_m: float
     footprint_auto: bool
     top_k: int
+    verify: bool | None = None
+    """None = verify when the photo looks down enough (the engine decides); False = never."""
+    prior_radius_m: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class LocateTask(QgsTask):
 
     def __init__(self, request: int, source: RasterSource, photo: str, out_dir: str, *,
                  footprint_m: float, footprint_auto: bool, top_k: int, cache_dir: str | None,
-                 weights: str | None, on_done: Callable[[LocateTask], None] | None = None) -> None:
+                 weights: str | None, on_done: Callable[[LocateTask], None] | None = None,
+                 verify: bool | None = None, prior_radius_m: float | None = None) -> None:
         super().__init__(f"CDIKT: locating {Path(photo).name}", QgsTask.CanCancel)
         self.request = request
         self.source = source
@@ -110,6 +114,8 @@ class LocateTask(QgsTask):
         self.top_k = int(top_k)
         self.cache_dir = cache_dir
         self.weights = weights
+        self.verify = verify
+        self.prior_radius_m = prior_radius_m
         self.on_done = on_done
         self.result: Any = None
         self.outcome: str | None = None
@@ -144,6 +150,7 @@ class LocateTask(QgsTask):
                 query=QueryConfig(top_k=self.top_k, footprint_m=query_fp),
                 model=ModelConfig(weights=self.weights),
                 cache_dir=self.cache_dir, progress=self._progress, cancel=self.isCanceled,
+                verify=self.verify, prior_radius_m=self.prior_radius_m,
             )
         except Cancelled as exc:
             self.outcome, self.message = self.CANCELLED, str(exc)

@@ -163,3 +163,30 @@ def test_render_png_draws_raster_heatmap_candidates_and_truth(qgis_app, heatmap_
 
     plain = render_png(heatmap_case["raster"], None, None, str(tmp_path / "plain.png"), width=300)
     assert QImage(plain).width() == 300
+
+
+def test_verified_footprints_are_solid_and_unverified_tiles_dashed(qgis_app, tmp_path: Path) -> None:
+    """After verification the layer mixes real footprints and plain tiles; the style must tell them apart."""
+    import pyproj
+    from qgis.core import QgsRuleBasedRenderer
+
+    from cdikt_qgis.layers import candidates_layer
+    from model_backend.candidates import Candidate
+    from model_backend.export import write_gpkg
+
+    ring = [(0.0, 0.0), (10.0, 0.0), (10.0, 10.0), (0.0, 10.0), (0.0, 0.0)]
+    cands = [Candidate(1, 0.9, 5, 5, 0.0, 0.0, ring, verified=True, confidence=0.98, inliers=120,
+                       heading_deg=30.0, gsd_m=0.1),
+             Candidate(2, 0.8, 25, 5, 0.0, 0.0, [(x + 20, y) for x, y in ring], verified=False, confidence=0.0,
+                       inliers=3)]
+    wkt = pyproj.CRS.from_epsg(32633).to_wkt()
+    path = write_gpkg(str(tmp_path / "m.gpkg"), cands, wkt, {"photo": "p.jpg"})
+    layer = candidates_layer(path)
+    renderer = layer.renderer()
+    assert isinstance(renderer, QgsRuleBasedRenderer)
+    rules = renderer.rootRule().children()
+    assert len(rules) == 4
+    styles = {r.label(): r.symbol().symbolLayer(0).strokeStyle() for r in rules}
+    assert styles["Best match (verified footprint)"] != styles["Best match (tile, not verified)"]
+    label_expr = layer.labeling().settings().fieldName
+    assert "verified" in label_expr and "confidence" in label_expr
