@@ -191,7 +191,14 @@ def add_result_layers(result: Any, project: QgsProject | None = None,
     cands = candidates_layer(result.gpkg_path, "Candidates", result.geojson_path)
     root = project.layerTreeRoot()
     group = root.insertGroup(0, Path(result.photo).name)
-    for layer in (cands, heat):  # candidates above the heatmap
+    layers = [cands, heat]  # candidates above the heatmap
+    draped = (getattr(result, "extra", None) or {}).get("draped")
+    if draped:  # the photo itself on the map, through its verified homography
+        photo_layer = QgsRasterLayer(draped, "Photo (draped)", "gdal")
+        if photo_layer.isValid():
+            photo_layer.renderer().setOpacity(0.85)
+            layers.insert(1, photo_layer)
+    for layer in layers:
         project.addMapLayer(layer, False)
         group.addLayer(layer)
     if canvas is not None and result.candidates:

@@ -50,6 +50,9 @@ class Candidate:
     """Centre of the retrieved tile, raster CRS, when x/y were refined by verification."""
     tile_y: float | None = None
     tile_polygon: list[tuple[float, float]] | None = None
+    image_to_crs: list[list[float]] | None = None
+    """3x3 homography from photo pixels (after EXIF orientation) to the raster CRS (verified only);
+    kept for draping the photo on the map, never exported as an attribute."""
 
     def to_properties(self) -> dict:
         """The scalar fields as plain Python numbers, ready for GeoJSON / GPKG attributes.

@@ -16,6 +16,7 @@ import numpy as np
 
 from .candidates import Candidate, select_candidates
 from .config import ModelConfig, QueryConfig, TilingConfig
+from .drape import drape_photo
 from .errors import Cancelled, InputError
 from .exif import load_photo, read_priors
 from .export import write_geojson, write_gpkg
@@ -64,7 +65,7 @@ class LocateResult:
             "verified": bool(b.verified), "confidence": None if b.confidence is None else round(b.confidence, 4),
             "footprint_wkt": "POLYGON ((" + ", ".join(f"{x:.3f} {y:.3f}" for x, y, *_ in b.polygon) + "))",
             "heading_deg": b.heading_deg, "inliers": b.inliers,
-            **{k: v for k, v in self.extra.items() if k.startswith(("gps_", "verify_"))},
+            **{k: v for k, v in self.extra.items() if k.startswith(("gps_", "verify_", "draped"))},
         }
 
 
@@ -151,6 +152,8 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), idx.grid, idx.cols, idx.rows, scores)
     gj = write_geojson(str(out / f"{stem}.matches.geojson"), cands, info.crs_wkt, props)
     gp = write_gpkg(str(out / f"{stem}.matches.gpkg"), cands, info.crs_wkt, props)
+    if cands and cands[0].verified and cands[0].image_to_crs is not None:
+        extra["draped"] = drape_photo(image, cands[0].image_to_crs, info.crs_wkt, out / f"{stem}.draped.tif")
     if progress:
         progress(1.0, "Done")
     return LocateResult(

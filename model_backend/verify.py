@@ -318,7 +318,8 @@ def _apply(c: Candidate, v: Verification, crs_wkt: str) -> Candidate:
         ring.reverse()
     return replace(base, x=v.centre[0], y=v.centre[1], lon=float(lon), lat=float(lat), polygon=ring,
                    heading_deg=round(v.heading_deg, 2), gsd_m=round(v.gsd_m, 4),
-                   tile_polygon=c.polygon)
+                   tile_polygon=c.polygon,
+                   image_to_crs=None if v.image_to_crs is None else np.asarray(v.image_to_crs).tolist())
 
 
 def _signed_area(quad: np.ndarray) -> float:

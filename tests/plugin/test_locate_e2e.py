@@ -90,8 +90,14 @@ def test_locate_adds_styled_layers_and_exports_geojson(plugin, iface, photo, tmp
 
     group = QgsProject.instance().layerTreeRoot().children()[0]
     assert group.name() == "view_0001.jpg"
-    cands, heat = (node.layer() for node in group.findLayers())
+    layers = [node.layer() for node in group.findLayers()]
+    cands, heat = layers[0], layers[-1]
     assert isinstance(heat, QgsRasterLayer) and isinstance(heat.renderer(), QgsSingleBandPseudoColorRenderer)
+    best = task.result.candidates[0]
+    if best.verified:  # the photo is draped on the map between the candidates and the heatmap
+        assert len(layers) == 3 and layers[1].name() == "Photo (draped)" and layers[1].crs() == plugin.raster.crs()
+    else:
+        assert len(layers) == 2
     assert isinstance(cands, QgsVectorLayer) and cands.featureCount() == 4
     assert heat.crs() == plugin.raster.crs() and cands.crs() == plugin.raster.crs()
     assert sorted(f["rank"] for f in cands.getFeatures()) == [1, 2, 3, 4]
