@@ -30,6 +30,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from .model_panel import ModelPanel
 from .settings import CdiktSettings
 from .tasks import LocateParams
 
@@ -167,6 +168,8 @@ class LocateDock(QDockWidget):
         self.export_button.setToolTip("Save the ranked footprints as RFC 7946 GeoJSON (WGS84).")
         self.export_button.clicked.connect(self._ask_export_path)
         outer.addWidget(self.export_button)
+        self.model_panel = ModelPanel(body)  # model picker, labelling, adapt, roll back (controllers: plugin.py)
+        outer.addWidget(self.model_panel)
         outer.addStretch(1)
         self.setWidget(body)
 
@@ -228,3 +231,4 @@ class LocateDock(QDockWidget):
 
     def set_result_available(self, available: bool) -> None:
         self.export_button.setEnabled(available)
+        self.model_panel.accept_button.setEnabled(available)

@@ -211,6 +211,8 @@ class CdiktPlugin:
         self.action: QAction | None = None
         self.dock = None
         self.controller: LocateController | None = None
+        self.labelling = None  # labelling.LabellingController, with the dock
+        self.adapt_controller = None  # adapt_task.AdaptController, with the dock
         self.provider = None
 
     def initProcessing(self) -> None:  # noqa: N802 (QGIS API)
@@ -251,12 +253,32 @@ class CdiktPlugin:
         if self.dock is None:
             self.dock = LocateDock(self.settings, self.iface.mainWindow())
             self.controller = LocateController(self.iface, self.dock, self.settings)
+            self._wire_model_panel()
             self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
         self.dock.set_layer(self.iface.activeLayer())
         self.dock.show()
         self.dock.raise_()
 
+    def _wire_model_panel(self) -> None:
+        """Label pairs…, This candidate is right, Adapt model, model picker and Roll back (dock's Model section)."""
+        from .adapt_task import AdaptController
+        from .labelling import LabellingController
+
+        panel = self.dock.model_panel
+        self.labelling = LabellingController(self.iface, self.settings, raster=self.dock.layer_combo.currentLayer,
+                                             last_result=lambda: self.controller.last_result if self.controller
+                                             else None)
+        panel.label_pairs_requested.connect(self.labelling.open_dialog)
+        panel.accept_candidate_requested.connect(self.labelling.accept)
+        self.adapt_controller = AdaptController(self.iface, panel, self.settings,
+                                                raster=self.dock.layer_combo.currentLayer,
+                                                labels_path=self.labelling.labels_path)
+
     def unload(self) -> None:
+        for part in (self.adapt_controller, self.labelling):
+            if part is not None:
+                part.shutdown()
+        self.adapt_controller = self.labelling = None
         if self.controller is not None:
             self.controller.shutdown()
             self.controller = None

@@ -31,6 +31,16 @@ def engine_default_cache_dir() -> str:
     return str(base / "cdikt-qgis")
 
 
+def engine_default_data_dir() -> str:
+    """Where model versions (and labels of unsaved projects) live: model_backend.model_versions' default."""
+    env = os.environ.get("CDIKT_DATA_DIR")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return str(base / "cdikt-qgis")
+
+
 class CdiktSettings:
     """Typed settings over QgsSettings; pass a QgsSettings to use another store (tests)."""
 
@@ -120,6 +130,59 @@ class CdiktSettings:
         if int(value) < 1:
             raise ValueError(f"top-k must be at least 1, got {value}")
         self._store.setValue(PREFIX + "top_k", int(value))
+
+
+# -- model picker and rollback (adapted model versions) ---------------------------------------
+DEFAULT_MODEL_LABEL = "Embedded default model"
+
+
+def model_choices(settings: CdiktSettings) -> list[tuple[str, str | None]]:
+    """(label, weights path) for the model picker: the default, every adapted version, and the
+    active weights when they are a file the registry does not know (set by hand)."""
+    from model_backend.model_versions import ModelRegistry  # no torch: safe on the main thread
+
+    choices: list[tuple[str, str | None]] = [(DEFAULT_MODEL_LABEL, None)]
+    try:
+        versions = ModelRegistry(engine_default_data_dir()).versions()
+    except Exception:  # an unreadable registry must not break the dock; adapting reports it
+        versions = []
+    choices += [(v.label, v.path) for v in reversed(versions)]
+    active = settings.weights_path
+    if active and all(path is None or Path(path) != Path(active) for _, path in choices):
+        choices.insert(1, (f"{Path(active).name} (file)", active))
+    return choices
+
+
+def set_active_model(settings: CdiktSettings, path: str | None) -> None:
+    """Make a model the one every later locate and adaptation uses (None: the embedded default)."""
+    settings.weights_path = path
+
+
+def rollback_target(settings: CdiktSettings) -> tuple[bool, str | None]:
+    """(possible, weights) to roll back to: the parent of the active adapted version."""
+    from model_backend.model_versions import ModelRegistry
+
+    active = settings.weights_path
+    if not active:
+        return False, None
+    registry = ModelRegistry(engine_default_data_dir())
+    if registry.by_path(active) is None:
+        return False, None
+    return True, registry.parent_weights(active)
+
+
+def rollback(settings: CdiktSettings) -> str | None:
+    """Activate the parent of the active adapted version; returns it (None: the embedded default).
+
+    Raises ValueError when the active model is not an adapted version (nothing to roll back to).
+    """
+    possible, target = rollback_target(settings)
+    if not possible:
+        raise ValueError("The active model is not an adapted version; there is nothing to roll back to.")
+    if target and not Path(target).is_file():
+        raise ValueError(f"The previous model {target} is gone; pick another in the model picker.")
+    set_active_model(settings, target)
+    return target
 
 
 def _refuse_plugin_folder(path: str | os.PathLike[str]) -> None:

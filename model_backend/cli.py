@@ -69,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("-v", "--verbose", action="store_true")
+
+    from .training.command import add_parser as add_train_parser  # torch-free: `train` options
+
+    add_train_parser(sub)
+
+    p = sub.add_parser("adapt", help="fine-tune the model on labelled photo pairs of a raster; writes a new model")
+    p.add_argument("--raster", required=True, help="the raster the photos were labelled on")
+    p.add_argument("--labels", required=True, help="labels .gpkg (any CRS) or .geojson (WGS84): one footprint "
+                                                   "polygon per photo, the photo's path in a 'photo' property")
+    p.add_argument("--out", required=True, help="new .safetensors file (an existing file is never overwritten)")
+    p.add_argument("--weights", help="model to start from (default: the embedded model)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the engine's)")
+    p.add_argument("--photos", nargs="*", default=[], metavar="PHOTO", help="unlabelled photos of the area (CDTS)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
+    p.add_argument("--cache-dir", help="where indexes are kept (default: $CDIKT_CACHE_DIR or ~/.cache/cdikt-qgis)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(device="cpu", batch_size=32)
     return ap
 
 
@@ -93,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise_user(f"--batch-size must be at least 1, got {args.batch_size}.")
         if args.weights and not Path(args.weights).exists():  # before torch is imported: fails in a blink
             raise_user(f"Weights file not found: {args.weights}. Check --weights.")
+        if args.command == "adapt":
+            return _adapt(args)
+        if args.command == "train":
+            from .training.command import run as run_train
+
+            return run_train(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "index":
@@ -107,6 +130,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CdiktError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    """Prints one JSON object: the before/after validation figures, the new model and what was trained."""
+    from .labels import read_labels
+
+    if args.epochs is not None and args.epochs < 1:
+        raise_user(f"--epochs must be at least 1, got {args.epochs}.")
+    labels = read_labels(args.labels)  # a bad labels file fails before torch is imported
+
+    from .adapt import AdaptConfig, adapt
+    from .model_versions import ModelRegistry
+
+    config = AdaptConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    result = adapt(args.raster, labels, args.out, args.weights, config=config, photos=args.photos,
+                   cache_dir=args.cache_dir, registry=ModelRegistry(), progress=_progress(args.verbose))
+    print(result.json_line(), flush=True)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -184,6 +184,25 @@ def index_sharded(raster: str, tiling: TilingConfig, model: ModelConfig, *, cach
     return idx
 
 
+def compare_indexes(a: TileIndex, b: TileIndex) -> dict[str, float | int | bool]:
+    """How far two indexes of the same raster differ: same tiles in the same order, embedding deltas.
+
+    `equal_within_fp16` allows one fp16 step (rows are unit vectors: |x| < 1, step <= 2^-11)
+    per value, what float noise across thread counts or batch splits can flip after rounding.
+    """
+    import numpy as np
+
+    same_tiles = a.n_tiles == b.n_tiles and bool(np.array_equal(a.cols, b.cols) and np.array_equal(a.rows, b.rows))
+    if not same_tiles:
+        return {"same_tiles": False, "n_tiles_a": a.n_tiles, "n_tiles_b": b.n_tiles, "equal_within_fp16": False}
+    ea = np.asarray(a.embeddings, np.float32)
+    eb = np.asarray(b.embeddings, np.float32)
+    diff = float(np.abs(ea - eb).max()) if ea.size else 0.0
+    cos = float(np.min(np.sum(ea * eb, axis=1) / (np.linalg.norm(ea, axis=1) * np.linalg.norm(eb, axis=1))))
+    return {"same_tiles": True, "n_tiles": a.n_tiles, "bitwise_equal_rows": float(np.mean(np.all(ea == eb, axis=1))),
+            "max_abs_diff": diff, "min_cosine": cos, "equal_within_fp16": diff <= 2.0 ** -11 + 1e-9}
+
+
 def shutdown() -> None:
     """Leave the process group (torchrun expects every rank to exit cleanly)."""
     if is_distributed():

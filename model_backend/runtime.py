@@ -264,10 +264,12 @@ def select_runner(requested: str, net: nn.Module, spec: RuntimeSpec, device: tor
                   threads: int | None = None, folder: Path | None = None) -> Runner | None:
     """The runner for `requested` on `device`, or None for PyTorch itself.
 
-    CUDA always stays on PyTorch (bf16 autocast + channels_last there). A fast runtime that is
-    missing or fails (export, load, agreement) falls back to PyTorch with a log line: indexing
-    slower is better than not indexing.
+    'auto' can be overridden by $CDIKT_RUNTIME. CUDA always stays on PyTorch (bf16 autocast +
+    channels_last there). A fast runtime that is missing or fails (export, load, agreement)
+    falls back to PyTorch with a log line: indexing slower is better than not indexing.
     """
+    if requested == "auto" and os.environ.get("CDIKT_RUNTIME", "auto") in RUNTIMES:
+        requested = os.environ.get("CDIKT_RUNTIME", "auto")  # lets a user or the plugin's host force one
     if requested not in RUNTIMES:
         raise ValueError(f"Unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
     if requested == "torch":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from qgis.core import QgsApplication, QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from .adapt_algorithm import AdaptModelAlgorithm
 from .index_algorithm import BuildIndexAlgorithm
 from .locate_algorithm import LocatePhotosAlgorithm
 
@@ -16,10 +17,8 @@ PROVIDER_ID = "cdikt"
 
 
 class CdiktProvider(QgsProcessingProvider):
-    """Provider ``cdikt``: Build tile index (``cdikt:index``) and Locate drone photos (``cdikt:locate``).
-
-    "Adapt model" joins once the engine has an adapt function (it is not faked here).
-    """
+    """Provider ``cdikt``: Build tile index (``cdikt:index``), Locate drone photos (``cdikt:locate``) and
+    Adapt model to labelled pairs (``cdikt:adapt``)."""
 
     def id(self) -> str:
         return PROVIDER_ID
@@ -37,5 +36,5 @@ class CdiktProvider(QgsProcessingProvider):
         return QIcon(path) if path else QgsApplication.getThemeIcon("/processingAlgorithm.svg")
 
     def loadAlgorithms(self) -> None:  # noqa: N802
-        for alg in (BuildIndexAlgorithm(), LocatePhotosAlgorithm()):
+        for alg in (BuildIndexAlgorithm(), LocatePhotosAlgorithm(), AdaptModelAlgorithm()):
             self.addAlgorithm(alg)

@@ -182,9 +182,9 @@ def default_backbone_state(name: str) -> dict[str, torch.Tensor] | None:
     """
     if name != TORCHVISION_MOBILENET:
         return None
-    from ..model import _read_weights, default_weights_path
+    from ..model import _read_weights, imagenet_weights_path
 
-    path = default_weights_path()
+    path = imagenet_weights_path()  # ImageNet, not the shipped CDIKTNet: training starts from here
     if not path.exists():
         raise InputError(f"Default weights missing ({path}). Run `make setup` to install them.")
     state, _ = _read_weights(path)

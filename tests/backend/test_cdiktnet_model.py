@@ -93,8 +93,17 @@ def test_convnext_tiny_is_the_paper_default_and_names_are_checked() -> None:
         build_backbone("resnet18", {"conv1.weight": torch.zeros(1)})
 
 
-def test_mobilenet_backbone_keeps_the_default_embeddings(embedder, mobilenet_state, pairs) -> None:
-    """Same weights, same graph: CDIKTNet on MobileNetV2 embeds like today's default model."""
+@pytest.fixture(scope="module")
+def imagenet_embedder() -> EmbeddingModel:
+    """The engine's ImageNet MobileNetV2 model (the default weights are now the trained CDIKTNet)."""
+    from model_backend.model import imagenet_weights_path
+
+    return EmbeddingModel.load(str(imagenet_weights_path()), device="cpu")
+
+
+def test_mobilenet_backbone_keeps_the_default_embeddings(imagenet_embedder, mobilenet_state, pairs) -> None:
+    """Same weights, same graph: CDIKTNet on MobileNetV2 embeds like the engine's ImageNet model."""
+    embedder = imagenet_embedder
     net = CDIKTNet("mobilenet_v2", pretrained_state=mobilenet_state).eval()
     x = pairs[1]
     with torch.no_grad():

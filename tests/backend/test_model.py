@@ -18,11 +18,17 @@ from model_backend.model import (
     DEFAULT_WEIGHTS_SHA256,
     EmbeddingModel,
     _read_weights,
-    default_weights_path,
+    imagenet_weights_path,
     map_deepsort_keys,
     resolve_device,
     sha256_file,
 )
+
+
+@pytest.fixture(scope="module")
+def embedder() -> EmbeddingModel:
+    """The ImageNet MobileNetV2 file these tests are about (the default is now the trained CDIKTNet)."""
+    return EmbeddingModel.load(str(imagenet_weights_path()), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def default_state() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The default file's tensors (prefixes stripped, as the loader sees them) and torchvision's targets."""
     import torchvision
 
-    state, meta = _read_weights(default_weights_path())
+    state, meta = _read_weights(imagenet_weights_path())
     assert meta.weights_sha256 == DEFAULT_WEIGHTS_SHA256
     return state, torchvision.models.mobilenet_v2(weights=None).features.state_dict()
 
@@ -62,7 +68,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_default_weights_file_is_the_pinned_one() -> None:
-    path = default_weights_path()
+    path = imagenet_weights_path()
     assert path.is_file(), "run `make setup` to install the default weights"
     assert sha256_file(path) == DEFAULT_WEIGHTS_SHA256
 

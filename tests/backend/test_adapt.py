@@ -1,0 +1,163 @@
+"""Few-shot adaptation on a real cross-year shift: photos from NAIP 2010, map from NAIP 2015, same area.
+
+The case is kept small (a 1.6 km crop, 300 m footprints, a few dozen tiles) so a real adaptation
+— index, CDIS + CDTS training of the last block, new model, re-index — runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from model_backend.adapt import AdaptConfig, ValidationFigure, adapt, split_holdout
+from model_backend.adapt_bench import make_labelled_photos
+from model_backend.adapt_train import TrainConfig
+from model_backend.errors import InputError
+from model_backend.labels import Label, LabelSet, read_labels, square_footprint, write_labels
+from model_backend.model_versions import ModelRegistry
+
+pytestmark = pytest.mark.slow
+FOOTPRINT = 300.0
+WINDOW = Window(300, 200, 320, 320)  # 1.6 km square of both NAIP years (same grid)
+SMALL = AdaptConfig(epochs=3, holdout_count=10, train=TrainConfig(
+    views_per_pair=8, unlabelled_tiles=40, views_per_tile=2, steps_per_epoch=10, cdts_batch=16))
+
+
+def _crop(src: Path, dst: Path) -> Path:
+    with rasterio.open(src) as s:
+        profile = {**s.profile, "width": WINDOW.width, "height": WINDOW.height,
+                   "transform": s.window_transform(WINDOW), "tiled": False}
+        profile.pop("blockxsize", None)
+        profile.pop("blockysize", None)
+        with rasterio.open(dst, "w", **profile) as d:
+            d.write(s.read(window=WINDOW))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    data = Path(__file__).resolve().parents[1] / "data"
+    root = tmp_path_factory.mktemp("adapt")
+    map_ = _crop(data / "naip_northdakota_5m_2015.tif", root / "map_2015.tif")
+    photos_from = _crop(data / "naip_northdakota_5m_2010.tif", root / "photos_2010.tif")
+    labels = make_labelled_photos(photos_from, map_, 18, FOOTPRINT, 7, root / "photos", size=(320, 240))
+    return {"root": root, "map": str(map_), "labels": labels}
+
+
+@pytest.fixture()
+def data_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CDIKT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_holdout_split_is_seeded_and_keeps_both_sides(case: dict) -> None:
+    from model_backend.labels import resolve_labels
+    from model_backend.raster import open_raster
+
+    info = open_raster(case["map"])
+    a = info.affine
+    bounds = (a.c, a.f + a.e * info.height, a.c + a.a * info.width, a.f)
+    labels = resolve_labels(read_labels(case["labels"]), info.crs_wkt, bounds)
+    train, held = split_holdout(labels, AdaptConfig(seed=3))
+    assert len(held) == round(0.3 * len(labels)) and len(train) + len(held) == len(labels)
+    assert [lb.index for lb in held] == [lb.index for lb in split_holdout(labels, AdaptConfig(seed=3))[1]]
+    assert len(split_holdout(labels[:2], AdaptConfig(holdout=0.9))[0]) == 1
+    with pytest.raises(InputError, match="at least 2 labelled pairs"):
+        split_holdout(labels[:1], AdaptConfig())
+
+
+def test_adaptation_improves_the_held_out_figure_and_writes_a_new_version(case: dict, tmp_path: Path,
+                                                                          cache_dir: Path) -> None:
+    out = tmp_path / "adapted.safetensors"
+    registry = ModelRegistry(tmp_path / "data")
+    res = adapt(case["map"], str(case["labels"]), str(out), None, config=SMALL, cache_dir=str(cache_dir),
+                registry=registry)
+    ranks_before, ranks_after = np.array(res.before.ranks), np.array(res.after.ranks)
+    assert res.n_train == 8 and res.after.n == 10
+    # The true place moves up for the held-out photos: fewer misses at #1, a better mean rank.
+    assert res.after.top1 > res.before.top1, (res.before.to_dict(), res.after.to_dict())
+    assert ranks_after.mean() < ranks_before.mean()
+    assert out.is_file() and "last" in res.trained_part
+    (version,) = registry.versions()
+    assert version.path == str(out) and version.parent is None and version.figures["after"]["top1"] == res.after.top1
+    assert json.loads(res.json_line())["before"]["ranks"] == list(ranks_before)
+    from model_backend.model import EmbeddingModel
+
+    net = EmbeddingModel.load(str(out), "cpu", runtime="torch")  # the engine loads the adapted model
+    assert net.meta.architecture == "cdiktnet" and net.meta.dim == 1280
+
+
+def test_bad_input_gives_one_line_and_loses_nothing(case: dict, tmp_path: Path, cache_dir: Path) -> None:
+    labels = Path(case["labels"])
+    original = labels.read_bytes()
+    out = tmp_path / "new.safetensors"
+    exists = tmp_path / "exists.safetensors"
+    exists.write_bytes(b"a model the user keeps")
+    with pytest.raises(InputError, match="never overwrites"):
+        adapt(case["map"], str(labels), str(exists), config=SMALL, cache_dir=str(cache_dir))
+    assert exists.read_bytes() == b"a model the user keeps"
+    ls = read_labels(labels)
+    empty = tmp_path / "empty.gpkg"
+    write_labels(empty, LabelSet([], ls.crs_wkt, str(empty)))
+    with pytest.raises(InputError, match="no labelled pairs"):
+        adapt(case["map"], str(empty), str(out), config=SMALL, cache_dir=str(cache_dir))
+    far = replace(ls, labels=[*ls.labels, Label(photo=ls.labels[0].photo, ring=square_footprint(
+        0.0, 0.0, FOOTPRINT, 0.0, ls.crs_wkt))])
+    with pytest.raises(InputError, match=r"Label 19 \(photo_000.jpg\) lies outside map_2015.tif"):
+        adapt(case["map"], far, str(out), config=SMALL, cache_dir=str(cache_dir))
+    bad_photo = tmp_path / "bad.jpg"
+    bad_photo.write_bytes(b"\xff\xd8 truncated")
+    broken = replace(ls, labels=[replace(ls.labels[0], photo=str(bad_photo)), *ls.labels[1:]])
+    with pytest.raises(InputError, match="photo bad.jpg cannot be read"):
+        adapt(case["map"], broken, str(out), config=SMALL, cache_dir=str(cache_dir))
+    assert labels.read_bytes() == original and not out.exists()
+
+
+def test_cancelled_adaptation_writes_nothing(case: dict, tmp_path: Path, cache_dir: Path) -> None:
+    from model_backend.errors import Cancelled
+
+    out = tmp_path / "cancelled.safetensors"
+    seen: list[float] = []
+
+    def cancel() -> bool:
+        return len(seen) > 3  # after a few progress reports: mid-way through the first index/validation
+
+    registry = ModelRegistry(tmp_path / "data")
+    with pytest.raises(Cancelled, match="active model is unchanged"):
+        adapt(case["map"], str(case["labels"]), str(out), config=SMALL, cache_dir=str(cache_dir), registry=registry,
+              progress=lambda f, m: seen.append(f), cancel=cancel)
+    assert not out.exists() and registry.versions() == []
+    assert not any(p.name.endswith(".safetensors") for p in tmp_path.iterdir())
+
+
+def test_validation_figure_summaries() -> None:
+    fig = ValidationFigure([1, 3, 51, 1], 50)
+    assert fig.top1 == 0.5 and fig.top5 == 0.75 and fig.median_rank == 2.0
+    assert fig.better_or_equal(ValidationFigure([2, 1, 51, 4], 50))
+    assert not ValidationFigure([2, 2], 50).better_or_equal(fig)
+
+
+def test_cli_adapt_prints_before_and_after(case: dict, tmp_path: Path, cache_dir: Path, data_dir_env: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    from model_backend.cli import main
+
+    assert main(["adapt", "--raster", case["map"], "--labels", str(tmp_path / "missing.gpkg"),
+                 "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "Labels file not found" in capsys.readouterr().err
+    geo = tmp_path / "labels.geojson"
+    ls = read_labels(case["labels"])
+    write_labels(geo, replace(ls, labels=[replace(lb, photo=str(ls.photo_path(lb))) for lb in ls.labels[:4]],
+                              path=str(geo)))
+    rc = main(["adapt", "--raster", case["map"], "--labels", str(geo), "--out", str(tmp_path / "m.safetensors"),
+               "--epochs", "1", "--cache-dir", str(cache_dir)])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(doc["before"]) >= {"top1", "median_rank", "ranks"} and doc["after"]["n"] == 1
+    assert doc["n_train"] == 3 and Path(doc["out"]).is_file()
+    assert ModelRegistry().versions()[0].path == doc["out"]  # recorded in $CDIKT_DATA_DIR

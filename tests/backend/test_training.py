@@ -1,0 +1,269 @@
+"""Training CDIKTNet: each mode learns, a resumed run equals a straight one, bad input exits 2.
+
+Tiny data keeps this on a CPU in seconds: University-1652- and SUES-200-layout datasets
+simulated from the real test rasters (64 px, a dozen locations), MobileNetV2 from the default
+ImageNet weights, a few optimizer steps. "Learns" is measured on held-aside drone views (views
+of the training locations that training never sees) against the locations' satellite tiles:
+after so few steps, gains on unseen *locations* are too small to test without flakiness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model_backend.cli import main
+from model_backend.datasets import write_sues200_layout, write_university_layout
+from model_backend.evaluate import embed_images
+from model_backend.model import EmbeddingModel
+from model_backend.retrieval import evaluate_embeddings
+from model_backend.training import TrainConfig, load_checkpoint, train, training_throughput
+from model_backend.training.data import raster_entries, raster_locations
+from model_backend.training.modes import initial_weights, write_inference
+
+REPO = Path(__file__).resolve().parents[2]
+RASTERS = ("manila_oam_0.10m.tif", "netherlands_aerial_0.25m_epsg28992.tif")
+SIZE = 64
+HELD = 2
+"""Drone views per training location moved aside before training: the evaluation queries."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads spin against other processes and run
+    several times slower; restored afterwards for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hold_views_aside(root: Path, train_dir: Path) -> Path:
+    """Move the last HELD drone views of every training location to root/heldout/<id>/."""
+    held = root / "heldout"
+    for loc in sorted(p for p in train_dir.iterdir() if p.is_dir()):
+        for img in sorted(loc.iterdir())[-HELD:]:
+            (held / loc.name).mkdir(parents=True, exist_ok=True)
+            shutil.move(str(img), held / loc.name / img.name)
+    return held
+
+
+@pytest.fixture(scope="module")
+def u1652(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    rasters = [str(data_dir / r) for r in RASTERS]
+    root = write_university_layout(rasters, tmp_path_factory.mktemp("train_u1652"), 16, 4 + HELD, seed=1,
+                                   footprint_m=20.0, size=SIZE, test_fraction=0.25)
+    hold_views_aside(root, root / "train" / "drone")
+    return root
+
+
+@pytest.fixture(scope="module")
+def sues(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    root = write_sues200_layout([str(data_dir / "manila_oam_0.10m.tif")], tmp_path_factory.mktemp("train_sues"),
+                                12, 4 + HELD, seed=2, heights=(300,), footprint_m=20.0, size=SIZE, test_fraction=0.25)
+    hold_views_aside(root, root / "Training" / "300" / "drone")
+    return root
+
+
+def held_out_score(weights: str | Path, root: Path, sat_dir: Path) -> dict[str, float]:
+    """R@1 (percent) and mean rank of the true tile for the held-aside views against the training tiles."""
+    net = EmbeddingModel.load(str(weights), "cpu", runtime="torch")
+    queries = sorted((root / "heldout").glob("*/*"))
+    tiles = sorted(sat_dir.glob("*/*"))
+    q, g = embed_images(net, [str(p) for p in queries]), embed_images(net, [str(p) for p in tiles])
+    q_ids, g_ids = [p.parent.name for p in queries], np.array([p.parent.name for p in tiles])
+    sims = q @ g.T
+    ranks = [1 + int((s > s[g_ids == loc].max()).sum()) for s, loc in zip(sims, q_ids)]
+    return {"R@1": evaluate_embeddings(q, q_ids, g, g_ids)["R@1"], "mean_rank": float(np.mean(ranks))}
+
+
+def untrained(cfg: TrainConfig, path: Path) -> Path:
+    """The model training starts from, saved as inference weights for the same input size."""
+    name, state, _ = initial_weights(cfg)
+    from model_backend.cdiktnet import CDIKTNet
+
+    return write_inference(CDIKTNet(name, 0, pretrained_state=state), path, SIZE)
+
+
+def tiny(tmp: Path, **kw) -> TrainConfig:
+    base = {"out": str(tmp / "m.safetensors"), "input_size": SIZE, "batch_size": 8, "checkpoint_every": 1000,
+            "workers": 0, "log_every": 1000, "lr": 1e-3, "backbone_lr_scale": 1.0}
+    return TrainConfig(**{**base, **kw})
+
+
+def loss_drop(history: list[dict[str, float]], stage: int) -> tuple[float, float]:
+    losses = [h["loss"] for h in history if h["stage"] == stage]
+    k = max(1, len(losses) // 3)
+    return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+
+
+def assert_learned(before: dict[str, float], after: dict[str, float]) -> None:
+    assert after["R@1"] > before["R@1"], (before, after)
+    assert after["mean_rank"] < before["mean_rank"], (before, after)
+
+
+def test_supervised_learns(u1652: Path, tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, layout="university1652", data=str(u1652), mode="supervised", steps=12)
+    result = train(cfg)
+    first, last = loss_drop(result.history, 0)
+    assert result.steps == 12 and last < first
+    sat = u1652 / "train" / "satellite"
+    assert_learned(held_out_score(untrained(cfg, tmp_path / "init.safetensors"), u1652, sat),
+                   held_out_score(cfg.out, u1652, sat))
+
+
+def test_fewshot_learns_from_few_pairs_then_unpaired_images(u1652: Path, tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, layout="university1652", data=str(u1652), mode="fewshot", paired_fraction=0.5,
+               steps=12, cdts_epochs=2, cdts_iters=4, cdts_k1=4)
+    result = train(cfg)
+    stages = [h["stage"] for h in result.history]
+    assert stages.count(0) == 12 and stages.count(1) == 8  # CDIS on the paired part, then CDTS
+    for stage in (0, 1):
+        first, last = loss_drop(result.history, stage)
+        assert last < first, stage
+    sat = u1652 / "train" / "satellite"
+    assert_learned(held_out_score(untrained(cfg, tmp_path / "init.safetensors"), u1652, sat),
+                   held_out_score(cfg.out, u1652, sat))
+
+
+def test_crossdomain_adapts_a_model_trained_elsewhere(u1652: Path, sues: Path, tmp_path: Path) -> None:
+    """A SUES-200-layout model adapted to University-1652-layout data without any pair.
+
+    Asserted: the CDTS loss falls and retrieval on the target is not damaged (R@1 and mean rank
+    within one query of the model it started from). Not asserted, because at this size it does
+    not hold reliably: that 10 CDTS steps on 48 images raise R@1 (pseudo-clusters of a dozen
+    places merge places; DMNIL's gains come after hundreds of steps on thousands of images).
+    """
+    source = tiny(tmp_path, layout="sues200", data=str(sues), height=300, mode="supervised", steps=8,
+                  out=str(tmp_path / "source.safetensors"))
+    train(source)
+    cfg = tiny(tmp_path, layout="university1652", data=str(u1652), mode="crossdomain", init=source.out,
+               cdts_epochs=2, cdts_iters=5, cdts_k1=4, out=str(tmp_path / "adapted.safetensors"))
+    result = train(cfg)
+    assert [h["stage"] for h in result.history] == [1] * 10
+    first, last = loss_drop(result.history, 1)
+    assert last < first
+    sat = u1652 / "train" / "satellite"
+    before, after = held_out_score(source.out, u1652, sat), held_out_score(cfg.out, u1652, sat)
+    n = len(list((u1652 / "heldout").glob("*/*")))
+    assert after["R@1"] >= before["R@1"] - 100.0 / n - 1e-6, (before, after)
+    assert after["mean_rank"] <= before["mean_rank"] + 1.0 / n + 1e-6, (before, after)
+
+
+def test_resume_is_exact(u1652: Path, tmp_path: Path) -> None:
+    common = {"layout": "university1652", "data": str(u1652), "mode": "supervised", "steps": 4, "batch_size": 4,
+              "checkpoint_every": 2, "backbone_lr_scale": 0.1}
+    straight = tiny(tmp_path / "a", **common)
+    train(straight)
+    first = tiny(tmp_path / "b", **common, stop_after=2)
+    assert train(first).stopped
+    assert load_checkpoint(first.checkpoint_path)["state"]["step"] == 2
+    resumed = train(tiny(tmp_path / "b", **common, resume=str(first.checkpoint_path)))
+    assert resumed.steps == 4 and not resumed.stopped
+    a, b = load_file(straight.out), load_file(first.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_a = load_checkpoint(straight.checkpoint_path)["model"]
+    full_b = load_checkpoint(first.checkpoint_path)["model"]
+    assert all(torch.equal(full_a[k], full_b[k]) for k in full_a)  # heads too, not only the backbone
+
+
+def test_resume_refuses_other_settings(u1652: Path, tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, layout="university1652", data=str(u1652), mode="supervised", steps=2, batch_size=4,
+               stop_after=1)
+    train(cfg)
+    with pytest.raises(Exception, match="batch_size"):
+        train(tiny(tmp_path, layout="university1652", data=str(u1652), mode="supervised", steps=2, batch_size=6,
+                   resume=str(cfg.checkpoint_path)))
+
+
+def test_raster_list_shares_labels_of_coregistered_rasters(data_dir: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "rasters.txt"
+    colorado = data_dir / "colorado_hro_0.15m_nodata.tif"
+    listing.write_text(f"# two years of one place (here: the same file twice)\n{colorado} 12\n{colorado}  12  # again\n"
+                       f"{data_dir / 'manila_oam_0.10m.tif'}\n")
+    entries = raster_entries(listing, 60.0)
+    assert [fp for _, fp in entries] == [12.0, 12.0, 60.0]
+    locs = raster_locations(entries, seed=0)
+    twice = [loc for loc in locs if "colorado" in loc.group]
+    assert twice and len({loc.label for loc in twice}) * 2 == len(twice)  # each place once per "year"
+    assert sorted({loc.label for loc in locs}) == list(range(len({loc.label for loc in locs})))
+
+
+def test_supervised_on_a_raster(data_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, layout="raster", data=str(data_dir / "manila_oam_0.10m.tif"), mode="supervised", steps=2,
+               batch_size=4, footprint_m=30.0, locations=6, views_per_location=2)
+    result = train(cfg)
+    assert result.steps == 2 and all(np.isfinite(h["loss"]) for h in result.history)
+    net = EmbeddingModel.load(cfg.out, "cpu", runtime="torch")
+    assert net.meta.architecture == "cdiktnet" and net.meta.input_size == SIZE
+
+
+def test_training_throughput_is_measured() -> None:
+    res = training_throughput(steps=1, batch_size=2, size=64)
+    assert res["images_per_s"] > 0 and res["batch_pairs"] == 2
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_backend", "train", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ})
+
+
+def test_train_cli_end_to_end(u1652: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli.safetensors"
+    proc = run_cli("--layout", "university1652", "--data", u1652, "--mode", "supervised", "--steps", 2,
+                   "--batch-size", 4, "--input-size", SIZE, "--out", out, "--workers", 0, "--threads", 1)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["out"] == str(out) and Path(summary["checkpoint"]).is_file()
+    assert "cdis" in proc.stderr and "img/s" in proc.stderr  # the progress line
+    net = EmbeddingModel.load(str(out), "cpu", runtime="torch")
+    emb = net.embed(net.normalise(np.zeros((1, SIZE, SIZE, 3), np.uint8)))
+    assert emb.shape == (1, 1280) and abs(float(np.linalg.norm(emb)) - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize(("args", "phrase"), [
+    (["--layout", "university1652", "--data", "/nonexistent/u1652", "--mode", "supervised"], "not found"),
+    (["--layout", "kitti", "--data", ".", "--mode", "supervised"], "unknown layout"),
+    (["--layout", "university1652", "--data", ".", "--mode", "fewshot", "--paired-fraction", "1.5"], "(0, 1]"),
+    (["--layout", "university1652", "--data", ".", "--mode", "fewshot", "--paired-fraction", "0"], "(0, 1]"),
+    (["--layout", "university1652", "--data", ".", "--mode", "crossdomain"], "--init"),
+    (["--layout", "university1652", "--data", ".", "--mode", "unsupervised"], "unknown mode"),
+])
+def test_bad_input_exits_2_before_torch(args: list[str], phrase: str, tmp_path: Path) -> None:
+    proc = run_cli(*args, "--out", tmp_path / "m.safetensors", timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and phrase.lower() in lines[0].lower(), lines[0]
+
+
+def test_bad_layouts_exit_2(u1652: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Wrong layout for the folder, an empty location folder: one line, status 2 (in-process: torch is loaded)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(u1652 / "train", broken / "train")
+    (broken / "train" / "drone" / "9999").mkdir()
+    cases = [(["--layout", "sues200", "--height", "300", "--data", str(u1652)], "university-1652 layout"),
+             (["--layout", "university1652", "--data", str(broken)], "holds no images")]
+    for args, phrase in cases:
+        assert main(["train", *args, "--mode", "supervised", "--out", str(tmp_path / "m.safetensors")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and phrase in err[0].lower(), err
+
+
+def test_default_weights_prefer_the_shipped_cdiktnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import model_backend.model as model
+
+    monkeypatch.setattr(model, "resources_dir", lambda: tmp_path)
+    assert model.default_weights_path() == model.imagenet_weights_path() == tmp_path / "weights" / \
+        model.DEFAULT_WEIGHTS_NAME
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / model.DEFAULT_MODEL_NAME).write_bytes(b"")
+    assert model.default_weights_path() == tmp_path / "models" / model.DEFAULT_MODEL_NAME

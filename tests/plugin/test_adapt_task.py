@@ -1,0 +1,150 @@
+"""Adapt model from the dock: a cancelled run changes nothing, a better model becomes active, rollback works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .qgis_helpers import DATA, wait_until
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CDIKT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+@pytest.fixture()
+def case(tmp_path: Path) -> dict:
+    """A 1.6 km crop of NAIP 2015 and six photos simulated from NAIP 2010, labelled at their footprints."""
+    import rasterio
+    from qgis.core import QgsProject, QgsRasterLayer
+    from rasterio.windows import Window
+
+    from model_backend.adapt_bench import make_labelled_photos
+
+    win = Window(300, 200, 320, 320)
+    paths = {}
+    for year in (2010, 2015):
+        with rasterio.open(DATA / f"naip_northdakota_5m_{year}.tif") as s:
+            profile = {**s.profile, "width": 320, "height": 320, "transform": s.window_transform(win), "tiled": False}
+            profile.pop("blockxsize", None)
+            profile.pop("blockysize", None)
+            paths[year] = tmp_path / f"naip_{year}.tif"
+            with rasterio.open(paths[year], "w", **profile) as d:
+                d.write(s.read(window=win))
+    labels = make_labelled_photos(paths[2010], paths[2015], 6, 300.0, 3, tmp_path / "photos", size=(320, 240))
+    layer = QgsRasterLayer(str(paths[2015]), "naip 2015")
+    QgsProject.instance().addMapLayer(layer)
+    return {"layer": layer, "labels": labels}
+
+
+def _controller(iface, case: dict):
+    from cdikt_qgis.adapt_task import AdaptController
+    from cdikt_qgis.model_panel import ModelPanel
+    from cdikt_qgis.settings import CdiktSettings
+
+    panel = ModelPanel(iface.mainWindow())
+    settings = CdiktSettings()
+    return AdaptController(iface, panel, settings, raster=lambda: case["layer"],
+                           labels_path=lambda: case["labels"]), panel, settings
+
+
+def test_a_cancelled_adaptation_leaves_the_active_model_unchanged(iface, case: dict, data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    import shutil
+
+    from model_backend.model import default_weights_path
+    from model_backend.model_versions import ModelRegistry
+
+    controller, panel, settings = _controller(iface, case)
+    active = tmp_path / "my_model" / default_weights_path().name  # the analyst's current model, a real one
+    active.parent.mkdir()
+    shutil.copyfile(default_weights_path(), active)
+    original = active.read_bytes()
+    settings.weights_path = str(active)
+    task = controller.adapt()
+    assert task is not None and panel.adapt_button.text() == "Cancel adaptation"
+    progress: list[float] = []
+    task.progressed.connect(lambda f, m: progress.append(f))
+    assert wait_until(lambda: bool(progress) or controller.task is None, 120)  # the engine is at work
+    panel.adapt_button.click()  # the same button cancels while running
+    assert wait_until(lambda: controller.task is None, 120)
+    assert task.outcome == task.CANCELLED, task.message
+    assert "unchanged" in panel.status.text() and panel.adapt_button.text() == "Adapt model"
+    assert settings.weights_path == str(active) and active.read_bytes() == original
+    assert ModelRegistry(data_dir).versions() == []
+    assert list(data_dir.rglob("*.safetensors")) == []
+
+
+def _fake_adapt(before_top1: float, after_top1: float):
+    """Stands in for model_backend.adapt.adapt: writes a file and registers it, like the real one."""
+    from types import SimpleNamespace
+
+    from model_backend.adapt import ValidationFigure
+
+    def fake(raster, labels, out, weights=None, *, config=None, cache_dir=None, registry=None, progress=None,
+             cancel=None, **_):
+        Path(out).write_bytes(b"adapted")
+        n = 4
+        before = ValidationFigure([1] * round(before_top1 * n) + [9] * (n - round(before_top1 * n)), 50)
+        after = ValidationFigure([1] * round(after_top1 * n) + [9] * (n - round(after_top1 * n)), 50)
+        registry.add(out, weights, {"after": after.to_dict()})
+        return SimpleNamespace(out=out, before=before, after=after, trained_part="the last block")
+
+    return fake
+
+
+def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface, case: dict, data_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import model_backend.adapt
+    from cdikt_qgis.settings import DEFAULT_MODEL_LABEL
+
+    controller, panel, settings = _controller(iface, case)
+    monkeypatch.setattr(model_backend.adapt, "adapt", _fake_adapt(0.25, 0.75))
+    first = controller.adapt()
+    assert wait_until(lambda: controller.task is None, 60)
+    assert first.outcome == first.OK and settings.weights_path == first.params.out
+    assert "now active" in panel.status.text() and "25 % → 75 %" in panel.status.text()
+    second = controller.adapt()  # adapting the adapted model: a chain of versions
+    assert wait_until(lambda: controller.task is None, 60)
+    assert settings.weights_path == second.params.out
+    assert [panel.model_combo.itemData(i) for i in range(panel.model_combo.count())] == \
+        [None, second.params.out, first.params.out]
+    assert panel.model_combo.currentData() == second.params.out
+
+    assert controller.rollback() == first.params.out
+    assert settings.weights_path == first.params.out and panel.model_combo.currentData() == first.params.out
+    assert controller.rollback() is None  # back to the embedded default
+    assert settings.weights_path is None and panel.model_combo.currentText() == DEFAULT_MODEL_LABEL
+    assert controller.rollback() is None  # nothing left to roll back: says so, changes nothing
+    assert any("nothing to roll back" in text for _, text, _ in iface.messages())
+
+    panel.model_combo.setCurrentIndex(2)
+    panel.model_combo.activated.emit(2)  # the picker chooses any version
+    assert settings.weights_path == first.params.out
+
+    monkeypatch.setattr(model_backend.adapt, "adapt", _fake_adapt(0.75, 0.25))
+    worse = controller.adapt()
+    assert wait_until(lambda: controller.task is None, 60)
+    assert worse.outcome == worse.OK and settings.weights_path == first.params.out  # not better: not activated
+    assert "stays active" in panel.status.text()
+
+
+def test_adapt_without_labels_or_raster_says_what_to_do(iface, data_dir: Path, tmp_path: Path) -> None:
+    from cdikt_qgis.adapt_task import AdaptController
+    from cdikt_qgis.model_panel import ModelPanel
+
+    panel = ModelPanel(iface.mainWindow())
+    controller = AdaptController(iface, panel, raster=lambda: None, labels_path=lambda: tmp_path / "none.gpkg")
+    assert controller.adapt() is None
+    from qgis.core import QgsRasterLayer
+
+    layer = QgsRasterLayer(str(DATA / "naip_northdakota_5m_2015.tif"), "naip")
+    controller.raster = lambda: layer
+    assert controller.adapt() is None
+    texts = [text for _, text, _ in iface.messages()]
+    assert any("Pick a raster layer" in t for t in texts) and any("No labelled pairs yet" in t for t in texts)
