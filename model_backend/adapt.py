@@ -6,10 +6,11 @@ true place low. The analyst labels a few photos on the map; `adapt` then
    location among the raster's tiles, with the production query path (index, rotation search,
    candidates) — the "before" figure;
 2. fine-tunes from the current model: CDIS (symmetric InfoNCE, `CDISLoss`) on the remaining pairs
-   (photo ↔ raster crop at its footprint), and CDTS (`make_pseudo_labels` + `CDTSMemory`, dual path,
-   the labelled pairs as fixed anchors) on unlabelled raster tiles and on unlabelled photos if any;
-   on CPU only a light part is trained (see `adapt_data.split_backbone`), everything below it runs
-   once per view;
+   (photo ↔ raster crop at its footprint, or at a part of it) and on unlabelled tiles dressed in the
+   photos' colours, and CDTS (`make_pseudo_labels` + `CDTSMemory`, dual path, the labelled pairs as
+   fixed anchors) on unlabelled raster tiles and on unlabelled photos if any, while an anchor term
+   keeps the tiles' embeddings near where they were (see adapt_train); on CPU only a light part is
+   trained (see `adapt_data.split_backbone`), everything below it runs once per view;
 3. writes a NEW weights file (never overwriting one), re-indexes the raster with it and measures
    the same held-out pairs again — the "after" figure — and records the version in the registry.
 Cancelling at any point writes nothing: the model in use stays what it was.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -286,7 +286,3 @@ def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = N
         progress(1.0, f"Adapted: top-1 {100 * before.top1:.0f} % → {100 * after.top1:.0f} % on {after.n} "
                       f"held-out photos")
     return result
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

@@ -34,7 +34,7 @@ from .synth import make_views, save_view
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 MAP = DATA / "naip_northdakota_5m_2015.tif"
-PHOTO_RASTERS = {2010: DATA / "naip_northdakota_5m_2010.tif"}
+PHOTO_RASTERS = {2010: DATA / "naip_northdakota_5m_2010.tif", 2020: DATA / "naip_northdakota_5m_2020.tif"}
 IMAGENET = resources_dir() / "weights" / DEFAULT_WEIGHTS_NAME
 """The starting model: ImageNet MobileNetV2. Not the shipped CDIKTNet default, whose training set holds
 these very NAIP rasters (all three years, cross-year pairs), so it has already seen this shift."""
@@ -60,7 +60,7 @@ def make_labelled_photos(photo_raster: str | Path, map_raster: str | Path, n: in
 
 
 def adapt_benchmark(*, seed: int = 0, n_train: int = 10, n_test: int = 40, footprint_m: float = 400.0,
-                    year: int = 2010, config: AdaptConfig | None = None, keep: str | None = None,
+                    year: int = 2020, config: AdaptConfig | None = None, keep: str | None = None,
                     weights: str | None = str(IMAGENET)) -> dict[str, Any]:
     """Run the floor benchmark once; returns before/after figures, the gain in points, wall and CPU seconds."""
     photo_raster = PHOTO_RASTERS.get(year)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Few-shot adaptation floor benchmark (NAIP, cross-year).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
-    ap.add_argument("--year", type=int, default=2010)
+    ap.add_argument("--year", type=int, default=2020, choices=sorted(PHOTO_RASTERS))
     ap.add_argument("--keep", help="keep the work folder here")
     args = ap.parse_args(argv)
     out = adapt_benchmark(seed=args.seed, year=args.year, keep=args.keep,

@@ -17,6 +17,7 @@ Only the head's parameters (and InfoNCE's temperature) move; BatchNorm keeps its
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,17 +57,17 @@ class TrainConfig:
     steps_per_epoch: int = 15
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    cdts_weight: float = 0.5
+    cdts_weight: float = 0.25
     cdts_batch: int = 32
     domain_weight: float = 0.0
     """Pull the mean photo embedding onto the mean raster embedding (over each step's batches): one
     shared head can only do that by ignoring what tells the two domains apart (season, sensor), a
     global property that ten pairs cannot teach place by place."""
-    styled_views_per_tile: int = 0
+    styled_views_per_tile: int = 2
     """Photo-styled copies of each unlabelled tile, paired with the tile (`ViewMaker.styled_pair`)."""
-    styled_per_step: int = 0
+    styled_per_step: int = 22
     """Styled pairs added to each step's InfoNCE batch beside the labelled pairs."""
-    anchor_weight: float = 0.0
+    anchor_weight: float = 1.0
     """Pull raster views back to where the starting model put them (1 − cosine): the map side already
     works tile-to-tile, so the photos should move into its space rather than both drifting."""
     cdts: CDTSConfig = field(default_factory=lambda: CDTSConfig(
@@ -207,7 +208,9 @@ def train_head(views: AdaptViews, model: CDIKTNet, cfg: TrainConfig, epochs: int
     params = split.parameters_to_train() + [model.logit_scale]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(1, epochs * cfg.steps_per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    warm = max(1, total // 10)  # linear warm-up over a tenth, then cosine down (any number of steps, even 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: (k + 1) / warm if k < warm else
+                                              0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm))))
     cdis = CDISLoss(CDISLossConfig(ce_weight=0.0, alignment_weight=0.0))
     n_pairs, n_views = views.pair_drone.shape
     anchor = _embed_all(split, views.sat) if cfg.anchor_weight > 0 else None

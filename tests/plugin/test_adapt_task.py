@@ -19,7 +19,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture()
 def case(tmp_path: Path) -> dict:
-    """A 1.6 km crop of NAIP 2015 and six photos simulated from NAIP 2010, labelled at their footprints."""
+    """A 1.6 km crop of NAIP 2015 and six photos simulated from NAIP 2020, labelled at their footprints."""
     import rasterio
     from qgis.core import QgsProject, QgsRasterLayer
     from rasterio.windows import Window
@@ -28,7 +28,7 @@ def case(tmp_path: Path) -> dict:
 
     win = Window(300, 200, 320, 320)
     paths = {}
-    for year in (2010, 2015):
+    for year in (2015, 2020):
         with rasterio.open(DATA / f"naip_northdakota_5m_{year}.tif") as s:
             profile = {**s.profile, "width": 320, "height": 320, "transform": s.window_transform(win), "tiled": False}
             profile.pop("blockxsize", None)
@@ -36,7 +36,7 @@ def case(tmp_path: Path) -> dict:
             paths[year] = tmp_path / f"naip_{year}.tif"
             with rasterio.open(paths[year], "w", **profile) as d:
                 d.write(s.read(window=win))
-    labels = make_labelled_photos(paths[2010], paths[2015], 6, 300.0, 3, tmp_path / "photos", size=(320, 240))
+    labels = make_labelled_photos(paths[2020], paths[2015], 6, 300.0, 3, tmp_path / "photos", size=(320, 240))
     layer = QgsRasterLayer(str(paths[2015]), "naip 2015")
     QgsProject.instance().addMapLayer(layer)
     return {"layer": layer, "labels": labels}

@@ -197,6 +197,25 @@ def test_cancelled_before_start_builds_no_index(provider, photos, tmp_path, alg:
     assert not (tmp_path / "h").exists() and not (tmp_path / "m.gpkg").exists()
 
 
+def test_adapt_refuses_labels_that_are_not_a_labels_file_or_empty(provider, tmp_path) -> None:
+    from qgis.core import QgsProcessingException, QgsProject, QgsVectorLayer
+
+    from model_backend.labels import LabelSet, write_labels
+    from model_backend.raster import open_raster
+
+    empty = tmp_path / "labels.geojson"
+    write_labels(empty, LabelSet([], open_raster(RASTER).crs_wkt, str(empty)))
+    params = {"RASTER": str(RASTER), "LABELS": str(empty), "OUTPUT": str(tmp_path / "m.safetensors"),
+              "CACHE_DIR": str(tmp_path / "cache")}
+    with pytest.raises(QgsProcessingException, match="holds no labelled pairs"):
+        _run("cdikt:adapt", params)
+    memory = QgsVectorLayer("Polygon?crs=EPSG:4326&field=photo:string", "scratch", "memory")
+    QgsProject.instance().addMapLayer(memory)
+    with pytest.raises(QgsProcessingException, match="not a labels GeoPackage or GeoJSON"):
+        _run("cdikt:adapt", {**params, "LABELS": memory.id()})
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def _cancel_after_first_check():
     """Feedback whose user presses Cancel once the engine runs (the first check is the algorithm's own).
 
