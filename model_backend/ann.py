@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .index import TileIndex, atomic_write_bytes
+from .atomic import atomic_write_bytes
+from .index import TileIndex
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .index import IndexWriter, TileIndex, atomic_write_bytes
+from .atomic import atomic_write_bytes
+from .index import IndexWriter, TileIndex
 
 if TYPE_CHECKING:
     from .config import ModelConfig, TilingConfig

@@ -262,6 +262,18 @@ def _ogr_field(name: str, value: Any) -> Any:
     return ogr.FieldDefn(name, ogr.OFTString)
 
 
+def ogr_polygon(ring: Ring) -> Any:
+    """An OGR polygon from one exterior ring of (x, y[, ...]) points, for the GeoPackage writers."""
+    from osgeo import ogr
+
+    lr = ogr.Geometry(ogr.wkbLinearRing)
+    for x, y, *_ in ring:
+        lr.AddPoint_2D(float(x), float(y))
+    poly = ogr.Geometry(ogr.wkbPolygon)
+    poly.AddGeometry(lr)
+    return poly
+
+
 def write_gpkg(path: str | os.PathLike[str], candidates: Sequence[Candidate], crs_wkt: str,
                properties: dict | None = None, layer: str = "matches") -> str:
     """Write the candidates as a polygon layer in the raster's CRS (from its WKT); return the path."""
@@ -295,12 +307,7 @@ def write_gpkg(path: str | os.PathLike[str], candidates: Sequence[Candidate], cr
                         feat.SetField(names[key], value)
                     else:
                         feat.SetField(names[key], json.dumps(value, default=_json_default))
-                ring = ogr.Geometry(ogr.wkbLinearRing)
-                for x, y, *_ in c.polygon:
-                    ring.AddPoint_2D(float(x), float(y))
-                poly = ogr.Geometry(ogr.wkbPolygon)
-                poly.AddGeometry(ring)
-                feat.SetGeometry(poly)
+                feat.SetGeometry(ogr_polygon(c.polygon))
                 lyr.CreateFeature(feat)
             lyr.CommitTransaction()
         finally:

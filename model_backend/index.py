@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_save_npy, atomic_write, atomic_write_bytes
 from .config import TilingConfig
 from .errors import InputError
 from .model import ModelMeta
@@ -47,33 +47,6 @@ def index_key(info: RasterInfo, tiling: TilingConfig, meta: ModelMeta) -> str:
         "reader": READER_VERSION, "format": INDEX_FORMAT,
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write beside the target then rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -128,15 +101,9 @@ class IndexWriter:
         return {int(p.stem.split("_")[1]) for p in self.parts.glob("chunk_*.npz")}
 
     def save_chunk(self, chunk: int, cols: np.ndarray, rows: np.ndarray, emb: np.ndarray) -> None:
-        self.parts.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.parts, prefix=".chunk.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, cols=cols.astype(np.int32), rows=rows.astype(np.int32), emb=emb.astype(np.float16))
-            os.replace(tmp, self._part(chunk))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._part(chunk), lambda f: np.savez(f, cols=cols.astype(np.int32),
+                                                            rows=rows.astype(np.int32), emb=emb.astype(np.float16)),
+                     suffix=".npz")
 
     def finish(self, manifest: dict[str, Any], dim: int) -> TileIndex:
         cols, rows, embs = [], [], []

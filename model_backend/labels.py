@@ -33,7 +33,7 @@ from typing import Any
 from pyproj import CRS, Transformer
 
 from .errors import InputError
-from .export import _gdal_exceptions, atomic_path, polygon_is_ccw, ring_signed_area
+from .export import _gdal_exceptions, atomic_path, ogr_polygon, polygon_is_ccw, ring_signed_area
 
 LAYER = "labels"
 FIELDS = ("photo", "photo_sha256", "heading", "created", "edited")
@@ -291,12 +291,7 @@ def _write_gpkg(p: Path, labels: LabelSet) -> str:
                         feat.SetFieldNull(key)
                     else:
                         feat.SetField(key, value)
-                ring = ogr.Geometry(ogr.wkbLinearRing)
-                for x, y in lb.ring:
-                    ring.AddPoint_2D(float(x), float(y))
-                poly = ogr.Geometry(ogr.wkbPolygon)
-                poly.AddGeometry(ring)
-                feat.SetGeometry(poly)
+                feat.SetGeometry(ogr_polygon(lb.ring))
                 lyr.CreateFeature(feat)
             lyr.CommitTransaction()
         finally:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes
 from .errors import InputError
 
 REGISTRY = "registry.json"
@@ -56,21 +56,6 @@ class ModelVersion:
         after = (self.figures.get("after") or {}).get("top1")
         fig = f", top-1 {100 * after:.0f} %" if isinstance(after, (int, float)) else ""
         return f"{self.name or self.id} ({self.created[:16].replace('T', ' ')}{fig})"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write beside the target then rename (index.atomic_write_bytes, without importing torch)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ModelRegistry:
@@ -132,7 +117,7 @@ class ModelRegistry:
     def _write(self, entries: list[ModelVersion]) -> None:
         doc = {"format": 1, "versions": [v.to_dict() for v in entries]}
         try:
-            atomic_write_text(self.file, json.dumps(doc, indent=1))
+            atomic_write_bytes(self.file, json.dumps(doc, indent=1).encode("utf-8"))
         except OSError as exc:
             raise InputError(f"Cannot write the model registry {self.file} ({exc.strerror}); "
                              "check the data folder's permissions.") from None

@@ -107,7 +107,7 @@ def export_onnx(net: nn.Module, spec: RuntimeSpec, folder: Path | None = None) -
     net = net.eval()
     with torch.inference_mode():
         ref = net(probe_batch(spec.input_size).to(next(net.parameters()).device)).float().cpu().numpy()
-    from .index import atomic_save_npy
+    from .atomic import atomic_save_npy
 
     atomic_save_npy(probe_path(path), ref)
     example = torch.zeros(2, 3, spec.input_size, spec.input_size)
