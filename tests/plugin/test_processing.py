@@ -216,6 +216,78 @@ def test_adapt_refuses_labels_that_are_not_a_labels_file_or_empty(provider, tmp_
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def _naip_case(tmp_path: Path) -> tuple[Path, Path]:
+    """A 1.6 km crop of NAIP 2015 (the map) and six photos simulated from NAIP 2020, labelled at their footprints."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from model_backend.adapt_bench import make_labelled_photos
+
+    win = Window(300, 200, 320, 320)
+    paths = {}
+    for year in (2015, 2020):
+        with rasterio.open(DATA / f"naip_northdakota_5m_{year}.tif") as s:
+            profile = {**s.profile, "width": 320, "height": 320, "transform": s.window_transform(win), "tiled": False}
+            profile.pop("blockxsize", None)
+            profile.pop("blockysize", None)
+            paths[year] = tmp_path / f"naip_{year}.tif"
+            with rasterio.open(paths[year], "w", **profile) as d:
+                d.write(s.read(window=win))
+    return paths[2015], make_labelled_photos(paths[2020], paths[2015], 6, 300.0, 3, tmp_path / "photos",
+                                             size=(320, 240))
+
+
+def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provider, tmp_path, monkeypatch) -> None:
+    """The whole algorithm on a real (small) case: labels layer in, new weights file out, figures in the log."""
+    from dataclasses import replace
+    from functools import partial
+
+    from qgis.core import QgsProcessingFeedback, QgsVectorLayer
+
+    import model_backend.adapt
+    from model_backend.adapt import AdaptConfig
+    from model_backend.adapt_train import TrainConfig
+    from model_backend.model_versions import ModelRegistry
+
+    monkeypatch.setenv("CDIKT_DATA_DIR", str(tmp_path / "data"))
+    tiny = replace(TrainConfig(), views_per_pair=2, unlabelled_tiles=8, styled_views_per_tile=1, steps_per_epoch=3)
+    monkeypatch.setattr(model_backend.adapt, "AdaptConfig", partial(AdaptConfig, runtime="torch", rotations=2,
+                                                                    train=tiny))  # the algorithm's, made tiny
+    raster, labels = _naip_case(tmp_path)
+    layer = QgsVectorLayer(str(labels), "labels", "ogr")
+    assert layer.isValid() and layer.featureCount() == 6
+
+    class Log(QgsProcessingFeedback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+            self.progress: list[float] = []
+            self.progressChanged.connect(self.progress.append)
+
+        def pushInfo(self, info: str) -> None:  # noqa: N802 (QGIS API)
+            self.lines.append(info)
+            super().pushInfo(info)
+
+    log = Log()
+    out = tmp_path / "models" / "adapted"  # no suffix: the algorithm adds .safetensors
+    res = _run("cdikt:adapt", {"RASTER": str(raster), "LABELS": layer, "EPOCHS": 1, "OUTPUT": str(out),
+                               "CACHE_DIR": str(tmp_path / "cache")}, log)
+    written = Path(res["OUTPUT"])
+    assert written == out.with_suffix(".safetensors") and written.is_file() and written.stat().st_size > 1e6
+    figures = json.loads(res["VALIDATION"])
+    assert figures["n_train"] + figures["n_holdout"] == 6 and figures["epochs"] == 1
+    assert res["TOP1_BEFORE"] == figures["before"]["top1"] and res["TOP1_AFTER"] == figures["after"]["top1"]
+    assert res["MEDIAN_RANK_AFTER"] == figures["after"]["median_rank"]
+    assert any(line.startswith("Before: top-1") for line in log.lines)
+    assert any("Trained: MobileNetV2" in line for line in log.lines)
+    assert log.progress and max(log.progress) == pytest.approx(100.0)
+    [version] = ModelRegistry(tmp_path / "data").versions()  # the dock's model picker lists it
+    assert version.path == str(written)
+    with pytest.raises(Exception, match="already exists"):  # never overwrites a model
+        _run("cdikt:adapt", {"RASTER": str(raster), "LABELS": layer, "EPOCHS": 1, "OUTPUT": str(written),
+                             "CACHE_DIR": str(tmp_path / "cache")})
+
+
 def _cancel_after_first_check():
     """Feedback whose user presses Cancel once the engine runs (the first check is the algorithm's own).
 
