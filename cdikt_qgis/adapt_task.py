@@ -10,15 +10,15 @@ failed or worse adaptation leaves the active model exactly as it was. As for loc
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsTask
-from qgis.PyQt.QtCore import QObject, pyqtSignal
+from qgis.core import Qgis, QgsApplication, QgsMessageLog
+from qgis.PyQt.QtCore import QObject
 
+from .engine_task import EngineTask
 from .settings import CdiktSettings, engine_default_data_dir, model_choices, rollback, set_active_model
 from .tasks import LayerError, RasterSource, capture_raster
 
@@ -40,70 +40,24 @@ class AdaptParams:
     epochs: int | None = None
 
 
-_LIVE: set[AdaptTask] = set()
-"""References to running tasks: a task collected while running crashes QGIS (see tasks._LIVE)."""
+class AdaptTask(EngineTask):
+    """Run one adaptation (see EngineTask); ``result`` is the engine's AdaptResult."""
 
-
-class AdaptTask(QgsTask):
-    """Run one adaptation; ``on_done(task)`` on the main thread reads ``outcome``, ``result``, ``message``."""
-
-    progressed = pyqtSignal(float, str)
-    OK, CANCELLED, USER, NO_TORCH, BUG = "ok", "cancelled", "user", "no_torch", "bug"
+    cancelled_message = "Adaptation cancelled; the active model is unchanged."
+    late_cancel_discards = False
 
     def __init__(self, params: AdaptParams, on_done: Callable[[AdaptTask], None] | None = None) -> None:
-        super().__init__(f"CDIKT: adapting the model to {params.raster.name}", QgsTask.CanCancel)
+        super().__init__(f"CDIKT: adapting the model to {params.raster.name}", on_done)
         self.params = params
-        self.on_done = on_done
-        self.result: Any = None
-        self.outcome: str | None = None
-        self.message = ""
-        self.details = ""
-        _LIVE.add(self)
 
-    def _progress(self, fraction: float, message: str) -> None:
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        self.setProgress(100.0 * fraction)
-        self.progressed.emit(fraction, message)
+    def work(self) -> Any:
+        from model_backend.adapt import AdaptConfig, adapt
+        from model_backend.model_versions import ModelRegistry
 
-    def run(self) -> bool:
-        try:
-            from model_backend.adapt import AdaptConfig, adapt
-            from model_backend.errors import Cancelled, CdiktError
-            from model_backend.model_versions import ModelRegistry
-        except ImportError as exc:
-            self.outcome, self.details = self.NO_TORCH, traceback.format_exc()
-            self.message = (f"PyTorch is not available to QGIS's Python ({exc}); install it (`make setup`) and "
-                            "restart QGIS.")
-            return False
         p = self.params
-        try:
-            config = AdaptConfig() if p.epochs is None else AdaptConfig(epochs=p.epochs)
-            self.result = adapt(p.raster.path, p.labels, p.out, p.weights, config=config, cache_dir=p.cache_dir,
-                                registry=ModelRegistry(p.data_dir), progress=self._progress, cancel=self.isCanceled)
-        except Cancelled as exc:
-            self.outcome, self.message = self.CANCELLED, str(exc)
-            return False
-        except CdiktError as exc:
-            text = str(exc).strip()
-            self.outcome, self.message = self.USER, text.splitlines()[0] if text else type(exc).__name__
-            return False
-        except Exception as exc:  # a bug: keep the traceback for the log
-            self.outcome, self.message, self.details = self.BUG, f"{type(exc).__name__}: {exc}", traceback.format_exc()
-            return False
-        self.outcome = self.OK
-        return True
-
-    def finished(self, ok: bool) -> None:  # noqa: D401 (QGIS API)
-        try:
-            if not ok and self.outcome is None:
-                self.outcome, self.message = self.CANCELLED, "Adaptation cancelled; the active model is unchanged."
-            if self.on_done is not None:
-                self.on_done(self)
-        except Exception:
-            log.exception("Error while handling the end of %s", self.description())
-        finally:
-            self.on_done = None
-            _LIVE.discard(self)
+        config = AdaptConfig() if p.epochs is None else AdaptConfig(epochs=p.epochs)
+        return adapt(p.raster.path, p.labels, p.out, p.weights, config=config, cache_dir=p.cache_dir,
+                     registry=ModelRegistry(p.data_dir), progress=self._progress, cancel=self.isCanceled)
 
 
 class AdaptController(QObject):

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsRasterLayer, QgsTask
-from qgis.PyQt.QtCore import pyqtSignal
+from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsRasterLayer
+
+from .engine_task import _LIVE, EngineTask  # noqa: F401 (_LIVE: the tests and unload() look there)
 
 log = logging.getLogger(__name__)
 
@@ -82,29 +82,14 @@ def capture_raster(layer: QgsMapLayer | None) -> RasterSource:
                         layer_id=layer.id())
 
 
-_LIVE: set[LocateTask] = set()
-"""Python references to tasks until they finish: a task collected while running crashes QGIS,
-and unload() must be able to drop its own references while a cancelled task winds down."""
-
-
-class LocateTask(QgsTask):
-    """Index the raster (cached by the engine) and locate one photo in it.
-
-    ``on_done(task)`` is called from ``finished()`` on the main thread; it reads ``result``,
-    ``error`` (one of the ``ERROR_*`` kinds) and ``message``. ``progressed`` carries the
-    engine's fraction and short message; connect it to a QObject's method so Qt queues it to
-    the main thread.
-    """
-
-    progressed = pyqtSignal(float, str)
-
-    OK, CANCELLED, USER, NO_TORCH, BUG = "ok", "cancelled", "user", "no_torch", "bug"
+class LocateTask(EngineTask):
+    """Index the raster (cached by the engine) and locate one photo in it (see EngineTask)."""
 
     def __init__(self, request: int, source: RasterSource, photo: str, out_dir: str, *,
                  footprint_m: float, footprint_auto: bool, top_k: int, cache_dir: str | None,
                  weights: str | None, on_done: Callable[[LocateTask], None] | None = None,
                  verify: bool | None = None, prior_radius_m: float | None = None) -> None:
-        super().__init__(f"CDIKT: locating {Path(photo).name}", QgsTask.CanCancel)
+        super().__init__(f"CDIKT: locating {Path(photo).name}", on_done)
         self.request = request
         self.source = source
         self.photo = photo
@@ -116,87 +101,24 @@ class LocateTask(QgsTask):
         self.weights = weights
         self.verify = verify
         self.prior_radius_m = prior_radius_m
-        self.on_done = on_done
-        self.result: Any = None
-        self.outcome: str | None = None
-        self.message = ""
-        self.details = ""
-        self.status_text = "Queued"
-        _LIVE.add(self)
+        self._start = time.perf_counter()
 
-    # -- worker thread -------------------------------------------------------------------------
-    def _progress(self, fraction: float, message: str) -> None:
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        self.status_text = message
-        self.setProgress(100.0 * fraction)
-        self.progressed.emit(fraction, message)
+    def work(self) -> Any:
+        from model_backend.config import ModelConfig, QueryConfig, TilingConfig
+        from model_backend.locate import locate_photo
 
-    def run(self) -> bool:
-        start = time.perf_counter()
-        try:
-            from model_backend.config import ModelConfig, QueryConfig, TilingConfig
-            from model_backend.errors import Cancelled, CdiktError
-        except ImportError as exc:
-            return self._fail_import(exc)
-        try:
-            from model_backend.locate import locate_photo
+        self._start = time.perf_counter()
+        os.makedirs(self.out_dir, exist_ok=True)
+        self._progress(0.0, "Starting…")
+        query_fp = None if self.footprint_auto else self.footprint_m
+        return locate_photo(
+            self.source.path, self.photo, self.out_dir,
+            tiling=TilingConfig(footprint_m=self.footprint_m),
+            query=QueryConfig(top_k=self.top_k, footprint_m=query_fp),
+            model=ModelConfig(weights=self.weights),
+            cache_dir=self.cache_dir, progress=self._progress, cancel=self.isCanceled,
+            verify=self.verify, prior_radius_m=self.prior_radius_m,
+        )
 
-            os.makedirs(self.out_dir, exist_ok=True)
-            self._progress(0.0, "Starting…")
-            query_fp = None if self.footprint_auto else self.footprint_m
-            self.result = locate_photo(
-                self.source.path, self.photo, self.out_dir,
-                tiling=TilingConfig(footprint_m=self.footprint_m),
-                query=QueryConfig(top_k=self.top_k, footprint_m=query_fp),
-                model=ModelConfig(weights=self.weights),
-                cache_dir=self.cache_dir, progress=self._progress, cancel=self.isCanceled,
-                verify=self.verify, prior_radius_m=self.prior_radius_m,
-            )
-        except Cancelled as exc:
-            self.outcome, self.message = self.CANCELLED, str(exc)
-            return False
-        except CdiktError as exc:
-            text = str(exc).strip()
-            self.outcome, self.message = self.USER, text.splitlines()[0] if text else type(exc).__name__
-            return False
-        except ImportError as exc:
-            return self._fail_import(exc)
-        except Exception as exc:  # a bug: keep everything for the log
-            self.outcome, self.message = self.BUG, f"{type(exc).__name__}: {exc}"
-            self.details = traceback.format_exc()
-            return False
-        if self.isCanceled():  # cancelled after the last check: the result is stale for the user
-            self.outcome, self.message = self.CANCELLED, "Cancelled."
-            return False
-        self.outcome = self.OK
-        self.message = f"Done in {time.perf_counter() - start:.1f} s"
-        return True
-
-    def _fail_import(self, exc: ImportError) -> bool:
-        missing = getattr(exc, "name", "") or ""
-        if missing.split(".")[0] in ("torch", "torchvision", "timm"):
-            self.outcome = self.NO_TORCH
-            self.message = (
-                f"PyTorch is not available to QGIS's Python ({exc}). Install it with `make setup`, or "
-                "`pip install torch` into the Python env whose site-packages is set in the "
-                "cdikt/python_site_packages setting (or CDIKT_SITE_PACKAGES), then restart QGIS."
-            )
-        else:
-            self.outcome = self.BUG
-            self.message = f"The CDIKT engine could not be imported: {exc}"
-        self.details = traceback.format_exc()
-        return False
-
-    # -- main thread ---------------------------------------------------------------------------
-    def finished(self, ok: bool) -> None:  # noqa: D401 (QGIS API)
-        try:
-            if not ok and self.outcome is None:
-                # cancelled before run() started, or terminated by the task manager
-                self.outcome, self.message = self.CANCELLED, "Cancelled."
-            if self.on_done is not None:
-                self.on_done(self)
-        except Exception:
-            log.exception("Error while handling the end of %s", self.description())
-        finally:
-            self.on_done = None
-            _LIVE.discard(self)
+    def done_message(self) -> str:
+        return f"Done in {time.perf_counter() - self._start:.1f} s"
