@@ -119,6 +119,19 @@ def build_ann(index: TileIndex, config: AnnConfig = AnnConfig(), chunk: int = 65
     return folder / ANN_FILE
 
 
+def ann_is_current(index: TileIndex) -> bool:
+    """Whether `index` has a compressed index built for these very embeddings (a cheap check, no load)."""
+    folder = Path(index.folder)
+    if not (folder / ANN_FILE).is_file() or not (folder / ANN_META).is_file():
+        return False
+    try:
+        meta = json.loads((folder / ANN_META).read_text())
+    except (OSError, ValueError):
+        return False
+    return (meta.get("format") == ANN_FORMAT and meta.get("n_tiles") == index.n_tiles
+            and meta.get("index_finished") == index.manifest.get("finished"))
+
+
 @dataclass
 class AnnIndex:
     """A loaded compressed index and the config it was built with."""
@@ -133,13 +146,11 @@ class AnnIndex:
         folder = Path(index.folder)
         if not (folder / ANN_FILE).is_file() or not (folder / ANN_META).is_file():
             return None
+        if not ann_is_current(index):
+            log.warning("Compressed index in %s does not match its embeddings; ignoring it", folder)
+            return None
         try:
             meta = json.loads((folder / ANN_META).read_text())
-            stale = (meta.get("format") != ANN_FORMAT or meta.get("n_tiles") != index.n_tiles
-                     or meta.get("index_finished") != index.manifest.get("finished"))
-            if stale:
-                log.warning("Compressed index in %s does not match its embeddings; ignoring it", folder)
-                return None
             ivf = _faiss().read_index(str(folder / ANN_FILE))
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("Compressed index in %s is unreadable (%s); using exact search", folder, exc)

@@ -20,17 +20,36 @@ from .errors import Cancelled, CdiktError
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
+MIN_ANN_TILES = 256
+
+
+def _weights(p: argparse.ArgumentParser, text: str = "model weights file (.safetensors or .pth); "
+                                                  "default: the embedded model") -> None:
+    p.add_argument("--weights", help=text)
+
+
+def _cache_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="where indexes are kept (default: $CDIKT_CACHE_DIR or ~/.cache/cdikt-qgis)")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def _verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="model weights file (.safetensors or .pth); default: the embedded model")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
-    p.add_argument("--batch-size", type=int, default=32)
+    """Options of the commands that build or query an index (`index`, `locate`)."""
+    _weights(p)
+    _device(p)
     p.add_argument("--stride", type=float, default=0.5, help="tile step as a fraction of the footprint (1/n)")
-    p.add_argument("--cache-dir", help="where indexes are kept (default: $CDIKT_CACHE_DIR or ~/.cache/cdikt-qgis)")
+    _cache_dir(p)
     p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
                    help="CPU inference engine (default auto: OpenVINO, else ONNX Runtime, else PyTorch)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    _verbose(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("raster")
     p.add_argument("--footprint-m", type=float, default=TilingConfig.footprint_m,
                    help="ground size of a tile in metres (default %(default)s)")
+    p.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
+                   help="also build the compressed index (faiss IVF-PQ, ~180 MB per 10^6 tiles instead of 2.6 GB "
+                        "scanned per query): auto = from 10^6 tiles up (default), on = always, off = never")
     _common(p)
 
     p = sub.add_parser("locate", help="find where photos were taken; writes heatmaps and matches")
@@ -65,10 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder (University-1652: train/ and test/; "
                                                  "SUES-200: Training/ and Testing/)")
     p.add_argument("--height", type=int, help="SUES-200 flight height in metres: 150, 200, 250 or 300")
-    p.add_argument("--weights", help="model weights file (.safetensors or .pth); default: the embedded model")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("-v", "--verbose", action="store_true")
+    _weights(p)
+    _device(p)
+    _verbose(p)
 
     from .training.command import add_parser as add_train_parser  # torch-free: `train` options
 
@@ -79,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="labels .gpkg (any CRS) or .geojson (WGS84): one footprint "
                                                    "polygon per photo, the photo's path in a 'photo' property")
     p.add_argument("--out", required=True, help="new .safetensors file (an existing file is never overwritten)")
-    p.add_argument("--weights", help="model to start from (default: the embedded model)")
+    _weights(p, "model to start from (default: the embedded model)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the engine's)")
     p.add_argument("--photos", nargs="*", default=[], metavar="PHOTO", help="unlabelled photos of the area (CDTS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
-    p.add_argument("--cache-dir", help="where indexes are kept (default: $CDIKT_CACHE_DIR or ~/.cache/cdikt-qgis)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    _cache_dir(p)
+    _verbose(p)
     p.set_defaults(device="cpu", batch_size=32)
     return ap
 
@@ -176,8 +197,32 @@ def _index(args: argparse.Namespace, model: ModelConfig) -> int:
     idx = build_index(args.raster, tiling, model,
                       cache_dir=args.cache_dir, progress=_progress(args.verbose))
     print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
-                      "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds")}))
+                      "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds"),
+                      "ann": _maybe_ann(idx, args.ann)}))
     return 0
+
+
+def _maybe_ann(idx, mode: str) -> str | None:
+    """Build the compressed index when asked (`on`) or when the index is large enough to need it (`auto`)."""
+    from .ann import ANN_FILE, AnnConfig, ann_is_current, build_ann, min_tiles_for_ann
+
+    if mode == "off" or (mode == "auto" and idx.n_tiles < min_tiles_for_ann(AnnConfig.min_tiles)):
+        return None
+    if ann_is_current(idx):  # built for this very index: reused like the index itself
+        return str(Path(idx.folder) / ANN_FILE)
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if mode == "on":
+            raise_user("--ann on needs faiss: `pip install faiss-cpu` (make setup installs it).")
+        logging.getLogger(__name__).warning("faiss is not installed: the index is searched exactly (slower).")
+        return None
+    if idx.n_tiles < MIN_ANN_TILES:
+        if mode == "on":
+            raise_user(f"The index has {idx.n_tiles} tiles; a compressed index needs at least {MIN_ANN_TILES} "
+                       "(its codebooks have 256 entries). Exact search is fast at this size: use --ann off.")
+        return None
+    return str(build_ann(idx))
 
 
 def _index_sharded(args: argparse.Namespace, tiling: TilingConfig, model: ModelConfig) -> int:
@@ -189,7 +234,7 @@ def _index_sharded(args: argparse.Namespace, tiling: TilingConfig, model: ModelC
         if shard.is_main and idx is not None:
             print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
                               "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds"),
-                              "world_size": shard.world}), flush=True)
+                              "world_size": shard.world, "ann": _maybe_ann(idx, args.ann)}), flush=True)
     finally:
         shutdown()
     return 0

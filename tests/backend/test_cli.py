@@ -103,6 +103,23 @@ def test_index_prints_json_and_is_reused(work: dict[str, Path]) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "manifest.json", folder / "embeddings.npy")} == stamps
 
 
+def test_index_ann_builds_a_compressed_index_on_request_and_reuses_it(work: dict[str, Path]) -> None:
+    """`--ann on` adds the IVF-PQ index beside the embeddings (auto would wait for 10^6 tiles); a small index
+    gets a one-line refusal, not a crash."""
+    small = run_cli("index", work["raster"], "--footprint-m", FOOTPRINT, "--ann", "on", cache=work["cache"])
+    assert_user_error(small, "at least 256", "--ann off")
+    first = run_cli("index", work["raster"], "--footprint-m", 16, "--ann", "on", cache=work["cache"])
+    assert first.returncode == 0, first.stderr
+    (info,) = json_lines(first.stdout)
+    assert info["tiles"] >= 256 and info["ann"] == str(Path(info["index"]) / "ann.faiss")
+    stamp = Path(info["ann"]).stat().st_mtime_ns
+    again = run_cli("index", work["raster"], "--footprint-m", 16, "--ann", "on", cache=work["cache"])
+    (info2,) = json_lines(again.stdout)
+    assert info2["ann"] == info["ann"] and Path(info["ann"]).stat().st_mtime_ns == stamp  # reused
+    off = run_cli("index", work["raster"], "--footprint-m", 16, "--ann", "off", cache=work["cache"])
+    assert json_lines(off.stdout)[0]["ann"] is None
+
+
 def test_locate_prints_json_and_writes_outputs(work: dict[str, Path]) -> None:
     out = work["dir"] / "out"
     proc = run_cli("locate", work["raster"], work["photo"], "--out", out, "--footprint-m", FOOTPRINT,
