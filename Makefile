@@ -3,7 +3,7 @@
 #   make setup     Debian packages, the venv, Python packages, default weights (idempotent, fast when done)
 #   make test      pytest on real QGIS, headless (QT_QPA_PLATFORM=offscreen)
 #   make demo      end-to-end demo on the bundled sample; outputs under out/demo/
-#   make bench     speed/accuracy numbers (kept out of the test suite)
+#   make bench     every benchmark figure + floors, one JSON line (~13 min here; BENCH_ARGS=--quick: ~3)
 #   make lint      ruff + bandit
 #   make package   dist/cdikt_qgis-<version>.zip, ready for "Install from ZIP" in QGIS
 #   make install   symlink a dev build of the plugin into the QGIS profile's plugin folder
@@ -56,8 +56,10 @@ test: setup
 demo: setup
 	$(PYTHON) scripts/demo.py
 
+# Speed, accuracy, scale, training and adaptation in one run; the last line is one JSON object (docs/benchmarks.md).
+BENCH_ARGS    ?=
 bench: setup
-	$(PYTHON) -m model_backend.bench
+	$(PYTHON) -m model_backend.bench $(BENCH_ARGS)
 
 # Both linters always run; the target fails if either reports a problem.
 lint: setup

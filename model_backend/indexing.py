@@ -1,8 +1,10 @@
 """Build (or reuse, or resume) the tile index of a raster.
 
-Reading overlaps compute: a reader thread decodes strips and assembles normalised batches
-while the model embeds the previous one (GDAL releases the GIL while decoding), so end-to-end
-throughput stays close to the model's own.
+Reading overlaps compute: a reader thread decodes strips and assembles batches while the model
+embeds the previous one (GDAL releases the GIL while decoding), so end-to-end throughput stays
+close to the model's own. With a CPU runtime (OpenVINO, ONNX Runtime) the batches stay uint8
+and the runtime's graph normalises them (`runtime.uint8_runner`): on two cores every cycle the
+reader thread spends is one the model loses, and normalising was half of the reader's work.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
-Batch = tuple[np.ndarray, np.ndarray, torch.Tensor]
+Batch = tuple[np.ndarray, np.ndarray, torch.Tensor | np.ndarray]
+"""(cols, rows, images): images normalised (a tensor for `EmbeddingModel.embed`), or (B, 3, S, S) uint8."""
+Embed = Callable[[np.ndarray], np.ndarray]
 
 _DONE = object()
 CHUNK_TILES = 1024
@@ -45,28 +49,54 @@ def chunk_tiles() -> int:
     return int(env) if env.isdigit() and int(env) > 0 else CHUNK_TILES
 
 
+def uint8_embedder(net: EmbeddingModel) -> Embed | None:
+    """(B, 3, S, S) uint8 -> embeddings through `net`'s CPU runtime with normalisation in its graph, or None.
+
+    None (the reader normalises and `net.embed` runs, as before) for PyTorch, CUDA, a runtime that
+    cannot take uint8, and a model whose `embed` was overridden or wrapped: whoever replaces
+    `embed` (a counting test double, a timing harness) still sees every batch.
+    """
+    from .runtime import uint8_runner
+
+    if net.runner is None or "embed" in vars(net) or type(net).embed is not EmbeddingModel.embed:
+        return None
+    return uint8_runner(net.runner, net.meta.mean, net.meta.std, net.meta.input_size)
+
+
 def _batches(reader: StripReader, model: EmbeddingModel, r0: int, r1: int, batch_size: int,
-             min_valid: float) -> Iterator[Batch]:
-    """Kept tiles of rows [r0, r1) in normalised batches; tiles mostly nodata are dropped here."""
+             min_valid: float, raw: bool = False) -> Iterator[Batch]:
+    """Kept tiles of rows [r0, r1) in batches; tiles mostly nodata are dropped here.
+
+    Kept tiles are gathered straight from the reader's strip views into one (B, 3, S, S) uint8
+    array per batch (the only copy of their pixels). `raw`: yield it as is (for `uint8_embedder`);
+    else `model.normalise` it.
+    """
+    s = reader.tile_px
+    buf = np.empty((batch_size, 3, s, s), np.uint8)
     pend_c: list[np.ndarray] = []
     pend_r: list[np.ndarray] = []
-    pend_t: list[np.ndarray] = []
     n = 0
-    for r, tiles, valid in reader.iter_rows(r0, r1):
+
+    def emit(count: int) -> Batch:
+        cols, rows = np.concatenate(pend_c), np.concatenate(pend_r)
+        images = buf[:count]
+        return cols, rows, images if raw else model.normalise(images.transpose(0, 2, 3, 1))
+
+    for r, tiles, valid in reader.iter_rows(r0, r1, channels_first=True):
         keep = np.nonzero(valid >= min_valid)[0]
-        if keep.size == 0:
-            continue
-        pend_c.append(keep.astype(np.int32))
-        pend_r.append(np.full(keep.size, r, np.int32))
-        pend_t.append(tiles[keep])
-        n += keep.size
-        while n >= batch_size:
-            cols, rows, tiles_all = np.concatenate(pend_c), np.concatenate(pend_r), np.concatenate(pend_t)
-            yield cols[:batch_size], rows[:batch_size], model.normalise(tiles_all[:batch_size])
-            pend_c, pend_r, pend_t = [cols[batch_size:]], [rows[batch_size:]], [tiles_all[batch_size:]]
-            n -= batch_size
+        while keep.size:
+            take = keep[:batch_size - n]
+            np.take(tiles, take, axis=0, out=buf[n:n + take.size], mode="clip")  # "raise" would buffer
+            pend_c.append(take.astype(np.int32))
+            pend_r.append(np.full(take.size, r, np.int32))
+            n += take.size
+            keep = keep[take.size:]
+            if n == batch_size:
+                yield emit(n)
+                buf = np.empty_like(buf)  # the consumer may still hold the last one (prefetch queue)
+                pend_c, pend_r, n = [], [], 0
     if n:
-        yield np.concatenate(pend_c), np.concatenate(pend_r), model.normalise(np.concatenate(pend_t))
+        yield emit(n)
 
 
 def _prefetch(gen: Iterator[Batch], depth: int = 3) -> Iterator[Batch]:
@@ -151,6 +181,7 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
                      for c in mine if c in done) * grid.n_cols
     if done:
         log.info("Resuming index %s: %d of %d chunks already embedded", folder.name, len(done), writer.n_chunks)
+    raw_embed = uint8_embedder(net)
     with StripReader(info, grid, net.meta.input_size, stretch) as reader:
         for chunk in mine:
             if chunk in done:
@@ -158,10 +189,11 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
             r0, r1 = writer.chunk_rows_range(chunk)
             cols, rows, embs = [], [], []
             for c, r, batch in _prefetch(_batches(reader, net, r0, r1, model.batch_size,
-                                                  tiling.min_valid_fraction)):
+                                                  tiling.min_valid_fraction, raw=raw_embed is not None)):
                 if cancel and cancel():
                     raise Cancelled()
-                embs.append(net.embed(batch).astype(np.float16))
+                out = raw_embed(batch) if raw_embed is not None else net.embed(batch)  # type: ignore[arg-type]
+                embs.append(out.astype(np.float16))
                 cols.append(c)
                 rows.append(r)
             if cancel and cancel():

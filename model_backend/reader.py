@@ -6,6 +6,10 @@ one windowed read per cell row, resampled by GDAL straight to the model's resolu
 a rolling buffer of k cell rows from which the k x k-cell tiles are sliced in memory. Memory
 is bounded by k strips of the raster's width at model resolution, so a 40k x 40k VRT indexes
 like a small GeoTIFF.
+
+Strips stay band-sequential (3, rows, W), the layout GDAL returns, and tiles are views of them
+(no transpose, no copy until the caller gathers a batch): on two cores the reader's CPU time is
+taken straight from the model's, so it does as little as it can.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def compute_stretch(info: RasterInfo, max_side: int = 1024) -> Stretch:
 
 
 class StripReader:
-    """Yields the tiles of one grid row at a time, as model-ready uint8 RGB arrays."""
+    """Yields the tiles of one grid row at a time, as model-ready uint8 RGB arrays (views of a strip)."""
 
     def __init__(self, info: RasterInfo, grid: TileGrid, input_size: int, stretch: Stretch) -> None:
         self.info = info
@@ -87,6 +91,8 @@ class StripReader:
         self._out_w = grid.cell_cols * self.cell_px
         upsample = grid.step_x < self.cell_px or grid.step_y < self.cell_px
         self._resampling = Resampling.bilinear if upsample else Resampling.average
+        self._direct = stretch.is_identity and info.dtype == "uint8"
+        """8-bit data needs no stretch: GDAL writes the strip straight into its final buffer."""
 
     def close(self) -> None:
         self._ds.close()
@@ -97,15 +103,25 @@ class StripReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read_cell_row(self, j: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """RGB (cell_px, W, 3) uint8 and valid mask (cell_px, W) bool (None: all valid)."""
+    def read_cell_row(self, j: int, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB (3, cell_px, W) uint8 and valid mask (cell_px, W) bool (None: all valid).
+
+        `out`, if given, is the (3, cell_px, W) uint8 array to fill (it may be a slice of a larger
+        buffer); masked pixels are set to FILL_RGB in place.
+        """
         y0 = round(j * self.grid.step_y)
         y1 = min(round((j + 1) * self.grid.step_y), self.info.height)
         win = Window(0, y0, self._col_px, max(1, y1 - y0))
         shape = (self.cell_px, self._out_w)
-        raw = self._ds.read(list(self.info.rgb_bands), window=win, out_shape=(3, *shape),
-                            resampling=self._resampling)
-        rgb = np.moveaxis(self.stretch.apply(raw), 0, -1)
+        if out is None:
+            out = np.empty((3, *shape), np.uint8)
+        bands = list(self.info.rgb_bands)
+        if self._direct:
+            self._ds.read(bands, out=out, window=win, resampling=self._resampling)
+            raw = out
+        else:
+            raw = self._ds.read(bands, window=win, out_shape=(3, *shape), resampling=self._resampling)
+            out[...] = self.stretch.apply(raw)
         if self.info.has_mask:
             mask = self._ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.nearest) > 0
         else:
@@ -113,32 +129,48 @@ class StripReader:
             # that are exactly 0 in every band are treated as outside coverage, not embedded.
             mask = raw.max(axis=0) > 0
         if mask.all():
-            mask = None
-        else:
-            rgb = np.where(mask[..., None], rgb, FILL_RGB)
-        return np.ascontiguousarray(rgb), mask
+            return out, None
+        np.copyto(out, FILL_RGB.reshape(3, 1, 1), where=~mask)
+        return out, mask
 
-    def iter_rows(self, start_row: int = 0, stop_row: int | None = None
+    def iter_rows(self, start_row: int = 0, stop_row: int | None = None, channels_first: bool = False
                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """For each tile row: (row, tiles (n_cols, S, S, 3) uint8, valid fraction per tile)."""
+        """For each tile row: (row, tiles, valid fraction per tile).
+
+        tiles are (n_cols, S, S, 3) uint8, or (n_cols, 3, S, S) with `channels_first`: read-only
+        views of one band of k strips, never written again (a consumer may keep them).
+        """
         stop = self.grid.n_rows if stop_row is None else min(stop_row, self.grid.n_rows)
-        k, cp = self.k, self.cell_px
-        strips: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        k, cp, n = self.k, self.cell_px, self.grid.n_cols
+        strips: dict[int, np.ndarray] = {}
+        masks: dict[int, np.ndarray | None] = {}
         for r in range(start_row, stop):
-            for j in range(r, r + k):
-                if j not in strips:
-                    strips[j] = self.read_cell_row(j)
             for j in [j for j in strips if j < r]:
-                del strips[j]
-            band = np.concatenate([strips[j][0] for j in range(r, r + k)], axis=0)
-            masks = [strips[j][1] for j in range(r, r + k)]
-            n = self.grid.n_cols
-            tiles = np.lib.stride_tricks.sliding_window_view(band, (self.tile_px, self.tile_px, 3))
-            tiles = tiles[0, ::cp][:n, 0]
-            if all(m is None for m in masks):
+                del strips[j], masks[j]
+            if k == 1:  # the strip is the band: read it in place
+                band = np.empty((3, cp, self._out_w), np.uint8)
+                masks[r] = self.read_cell_row(r, band)[1]
+                strips[r] = band
+            else:
+                # One buffer per band of k strips: the new strip is read straight into its place,
+                # the k - 1 kept ones are copied (the same bytes np.concatenate would move).
+                band = np.empty((3, k * cp, self._out_w), np.uint8)
+                for i, j in enumerate(range(r, r + k)):
+                    part = band[:, i * cp:(i + 1) * cp]
+                    if j in strips:
+                        part[...] = strips[j]
+                    else:
+                        masks[j] = self.read_cell_row(j, part)[1]
+                    strips[j] = part
+            tiles = np.lib.stride_tricks.sliding_window_view(band, (3, self.tile_px, self.tile_px))
+            tiles = tiles[0, 0, ::cp][:n]
+            if not channels_first:
+                tiles = tiles.transpose(0, 2, 3, 1)
+            row_masks = [masks[j] for j in range(r, r + k)]
+            if all(m is None for m in row_masks):
                 valid = np.ones(n, dtype=np.float32)
             else:
-                mband = np.concatenate([np.ones((cp, self._out_w), bool) if m is None else m for m in masks])
+                mband = np.concatenate([np.ones((cp, self._out_w), bool) if m is None else m for m in row_masks])
                 col_valid = mband.mean(axis=0, dtype=np.float32)
                 csum = np.concatenate([[0.0], np.cumsum(col_valid)])
                 starts = np.arange(n) * cp

@@ -83,9 +83,9 @@ def test_each_cell_row_is_read_once_with_bounded_windows(data_dir: Path, tmp_pat
     with StripReader(info, grid, 64, compute_stretch(info)) as rd:
         real = rd.read_cell_row
 
-        def counting(j: int):
+        def counting(j: int, out: np.ndarray | None = None):
             reads.append(j)
-            return real(j)
+            return real(j, out)
 
         rd.read_cell_row = counting  # type: ignore[method-assign]
         n = sum(len(t) for _, t, _ in rd.iter_rows())
@@ -109,3 +109,24 @@ def _mosaic_vrt(src: Path, out: Path, w: int, h: int) -> None:
     gt = f"{t.c}, {t.a}, 0, {t.f}, 0, {t.e}"
     out.write_text(f"<VRTDataset rasterXSize='{2 * w}' rasterYSize='{2 * h}'><SRS>{crs}</SRS>"
                    f"<GeoTransform>{gt}</GeoTransform>{''.join(bands)}</VRTDataset>")
+
+
+def test_channels_first_tiles_and_uint8_batches_are_the_same_pixels(data_dir: Path) -> None:
+    """Band-sequential tiles (what indexing gathers) are the HWC tiles transposed; batches keep only valid tiles."""
+    from model_backend.indexing import _batches
+
+    path = data_dir / "bali_pix4d_0.35m_alpha.tif"  # alpha mask: some tiles dropped, filled pixels inside others
+    info, grid, hwc, valid = _all_tiles(path, 40)
+    with StripReader(info, grid, 64, compute_stretch(info)) as rd:
+        rows = list(rd.iter_rows(channels_first=True))
+        assert all(not t.flags.writeable for _, t, _ in rows)  # views of a strip, never written again
+        chw = np.concatenate([t for _, t, _ in rows])
+        assert chw.shape == (grid.n_tiles, 3, 64, 64)
+        np.testing.assert_array_equal(chw, hwc.transpose(0, 3, 1, 2))
+        batches = list(_batches(rd, None, 0, grid.n_rows, 7, 0.5, raw=True))  # type: ignore[arg-type]
+    assert all(b.dtype == np.uint8 and b.shape[1:] == (3, 64, 64) and len(b) <= 7 for _, _, b in batches)
+    cols = np.concatenate([c for c, _, _ in batches])
+    rws = np.concatenate([r for _, r, _ in batches])
+    kept = np.nonzero(valid >= 0.5)[0]
+    np.testing.assert_array_equal(rws * grid.n_cols + cols, kept)
+    np.testing.assert_array_equal(np.concatenate([b for _, _, b in batches]), chw[kept])

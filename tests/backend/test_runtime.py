@@ -145,3 +145,80 @@ def test_cli_takes_a_runtime() -> None:
     assert build_parser().parse_args(["locate", "r.tif", "p.jpg", "--out", "o"]).runtime == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["index", "r.tif", "--runtime", "tensorrt"])
+
+
+@pytest.mark.parametrize("name", _available())
+def test_uint8_input_runner_matches_float_input_and_torch(name: str, tiles: np.ndarray,
+                                                          reference: np.ndarray) -> None:
+    """Indexing feeds the runtime uint8 tiles and lets its graph normalise: the same vectors as the float path."""
+    model = EmbeddingModel.load(device="cpu", runtime="torch")
+    assert model.set_runtime(name) == name
+    u8 = rt.uint8_runner(model.runner, model.meta.mean, model.meta.std, model.meta.input_size)
+    assert u8 is not None and u8.name == name
+    assert rt.uint8_runner(model.runner, model.meta.mean, model.meta.std, model.meta.input_size) is u8  # made once
+    chw = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
+    got = np.concatenate([u8(chw[i:i + 16]) for i in range(0, len(chw), 16)])
+    floats = np.concatenate([model.embed(model.normalise(tiles[i:i + 16])) for i in range(0, len(tiles), 16)])
+    assert got.shape == reference.shape and got.dtype == np.float32
+    assert np.abs(got - floats).max() < 1e-5  # same input values: only the engine's own rounding differs
+    cos = np.sum(got * reference, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cos.min() >= 0.999, (name, float(cos.min()))
+    # The numpy twin of the graph's normalisation is EmbeddingModel.normalise's arithmetic, bit for bit.
+    np.testing.assert_array_equal(rt.normalise_nchw(chw[:2], model.meta.mean, model.meta.std),
+                                  model.normalise(tiles[:2]).numpy())  # NCHW: a runner is set
+
+
+def test_uint8_runner_is_none_when_the_runtime_cannot_or_disagrees(caplog: pytest.LogCaptureFixture) -> None:
+    class Plain:
+        """A runner with no uint8 variant (like a test double): the reader keeps normalising."""
+
+        name = "onnxruntime"
+
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            return np.ones((len(x), 4), np.float32) / 2
+
+    class Unrelated(Plain):
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            v = np.random.default_rng(1).standard_normal((len(x), 4)).astype(np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    class Broken(Plain):
+        """Its uint8 variant gives other vectors than its float input does: must be refused."""
+
+        def with_uint8_input(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Plain:
+            return Unrelated()
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert rt.uint8_runner(Plain(), mean, std, 32) is None  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="model_backend.runtime"):
+        assert rt.uint8_runner(Broken(), mean, std, 32) is None  # type: ignore[arg-type]
+    assert "uint8 input unusable" in caplog.text and "disagrees" in caplog.text
+
+
+def test_index_is_built_from_uint8_batches_and_matches_the_float_path(fast_model: EmbeddingModel, data_dir: Path,
+                                                                       cache_dir: Path) -> None:
+    """The uint8 path is taken when the runtime allows it, and gives the float path's index up to fp16 rounding."""
+    from model_backend import indexing
+
+    if fast_model.runner is None:
+        pytest.skip("no CPU runtime installed")
+
+    class FloatPath(EmbeddingModel):
+        """Overrides `embed`, so indexing must call it (normalising in the reader) instead of the uint8 path."""
+
+        def embed(self, batch):  # type: ignore[override]
+            return super().embed(batch)
+
+    floats = FloatPath(fast_model.net, fast_model.meta, fast_model.device)
+    floats.runner = fast_model.runner
+    assert indexing.uint8_embedder(fast_model) is not None and indexing.uint8_embedder(floats) is None
+    raster = str(data_dir / "bali_pix4d_0.35m_alpha.tif")  # alpha mask: filled pixels are part of the input too
+    info = open_raster(raster)
+    tiling = TilingConfig(footprint_m=0.25 * min(info.width_m, info.height_m))
+    a = build_index(raster, tiling, cache_dir=cache_dir / "u8", embedder=fast_model)
+    b = build_index(raster, tiling, cache_dir=cache_dir / "f32", embedder=floats)
+    assert a.n_tiles == b.n_tiles > 10
+    assert np.array_equal(a.cols, b.cols) and np.array_equal(a.rows, b.rows)
+    ea, eb = np.asarray(a.embeddings, np.float32), np.asarray(b.embeddings, np.float32)
+    assert np.abs(ea - eb).max() <= 2.5e-4  # at most one fp16 step of values below 0.5
+    assert (ea != eb).mean() < 0.05
