@@ -4,7 +4,8 @@
   heads; loss = InfoNCE + 0.1 x heads CE + alignment (`CDISLoss`). AdamW, warm-up + cosine.
 - CDTS (unpaired): each epoch, every image is embedded (flip-averaged), clustered into pseudo
   locations (`make_pseudo_labels`: per view, then in a shared space) and its cluster memories are
-  built; each step pulls P x K images per view towards their centroids (`CDTSMemory`). Known
+  built; each step pulls P x K images per view towards their centroids (`CDTSMemory`), BatchNorm
+  statistics frozen as the memories saw them (`set_train(batchnorm_stats=False)`). Known
   pairs (few-shot anchors) keep their location as a fixed label throughout.
 A run is resumable at any step: the checkpoint holds everything a step depends on, and batches
 and augmentations are functions of (seed, epoch, position), not of how the run got there.
@@ -146,7 +147,9 @@ class Trainer:
             if rt.world > 1 else self.model
         done = s.step - s.stage_start
         progress = Progress(total, "cdis", cfg.log_every, rt.is_main, start=done)
-        log.info("CDIS: %s, batch %d, %d steps (%d per epoch)", source.description, batch, total, per_epoch)
+        if rt.is_main:
+            log.info("CDIS: %s, batch %d x %d processes, %d steps (%d per epoch)", source.description, batch,
+                     rt.world, total, per_epoch)
         while done < total:
             sampler.set_epoch(s.epoch)
             source.set_epoch(s.epoch)
@@ -190,14 +193,16 @@ class Trainer:
         train_s = Images(sat_items, [True] * len(sat_items), self.transform, cfg.seed + 1, train=True)
         k = 4
         per_view = max(k, cfg.batch_size // k * k)
-        iters = cfg.cdts_iters or max(1, n_d // per_view)
+        # default: one pass over the drone images per epoch for the whole job (as CDIS's epoch), not per rank
+        iters = cfg.cdts_iters or max(1, n_d // (per_view * rt.world))
         resume = self.resume
         self._make_optimizer(cfg.cdts_epochs * iters, 0, cfg.lr * cfg.cdts_lr_scale, 1.0, True)
         embed_net = InferenceNet(self.model.backbone)
         net = DDP(embed_net, device_ids=[rt.device] if rt.cuda else None) if rt.world > 1 else embed_net
         progress = Progress(cfg.cdts_epochs * iters, "cdts", cfg.log_every, rt.is_main, start=s.step - s.stage_start)
-        log.info("CDTS: %s; satellites x%d; %d epochs x %d steps of %d+%d images", images.description, rep,
-                 cfg.cdts_epochs, iters, per_view, per_view)
+        if rt.is_main:
+            log.info("CDTS: %s; satellites x%d; %d epochs x %d steps of %d+%d images x %d processes",
+                     images.description, rep, cfg.cdts_epochs, iters, per_view, per_view, rt.world)
         while s.epoch < cfg.cdts_epochs:
             if resume is not None and resume.get("cdts"):
                 labels, memory = _restore_cdts(resume["cdts"], ccfg, rt.device)
@@ -227,7 +232,7 @@ class Trainer:
                               generator=torch.Generator())
             dl_s = DataLoader(train_s, batch_sampler=SkipBatches(plan_s, s.batch), num_workers=rt.workers,
                               generator=torch.Generator())
-            set_train(self.model, self.frozen)
+            set_train(self.model, self.frozen, batchnorm_stats=False)  # BatchNorm as the memories saw it
             memory.train()
             progress.t_last = time.perf_counter()
             lab = {name: torch.as_tensor(getattr(labels, name), device=rt.device)

@@ -40,7 +40,7 @@ from .data import (
     record_pairs,
     records_image_set,
 )
-from .engine import freeze_blocks, make_runtime
+from .engine import freeze_blocks, make_runtime, ranks_agree
 from .loop import StopRun, Trainer
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ class TrainResult:
     images_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
     stopped: bool = False
+    world_size: int = 1
+    """Processes of the job (torchrun's WORLD_SIZE); rank 0 wrote the output."""
+    ranks_in_sync: bool = True
+    """Every rank ended with the same parameters (checked under torchrun; see `ranks_agree`)."""
 
     def summary(self) -> dict[str, Any]:
         first = [h for h in self.history[:5]]
@@ -68,7 +72,8 @@ class TrainResult:
 
         return {"out": self.out, "checkpoint": self.checkpoint, "mode": self.mode, "steps": self.steps,
                 "seconds": round(self.seconds, 1), "images_per_s": round(self.images_per_s, 2),
-                "loss_first": mean_loss(first), "loss_last": mean_loss(last), "stopped": self.stopped}
+                "loss_first": mean_loss(first), "loss_last": mean_loss(last), "stopped": self.stopped,
+                "world_size": self.world_size, "ranks_in_sync": self.ranks_in_sync}
 
 
 def initial_weights(cfg: TrainConfig) -> tuple[str, dict[str, torch.Tensor] | None, str]:
@@ -179,7 +184,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> TrainResult:
         log.info("Training %s from %s (%s, %d px, %d classes) on %s%s", cfg.mode, what, backbone, size,
                  data.n_classes, rt.device, f", AMP {rt.amp_dtype}" if rt.amp_dtype else "")
     trainer = Trainer(cfg, model, rt, transform, frozen, resume)
-    stopped = False
+    stopped, in_sync = False, True
     try:
         if cfg.mode in ("supervised", "fewshot") and data.pairs is not None:
             trainer.cdis(data.pairs)
@@ -190,6 +195,10 @@ def train(cfg: TrainConfig, verbose: bool = True) -> TrainResult:
             trainer.cdts(images)
         trainer.state.stage = "done"
         trainer.checkpoint()
+        in_sync = ranks_agree(model, rt)
+        if not in_sync and rt.is_main:
+            log.error("The %d processes ended with different weights; rank 0's are written. Rerun, or train "
+                      "in one process, and report it.", rt.world)
         if rt.is_main:
             write_inference(model, cfg.out, size)
     except StopRun as exc:
@@ -198,7 +207,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> TrainResult:
             log.warning("%s", exc)
     s = trainer.state
     return TrainResult(str(cfg.out), str(cfg.checkpoint_path), cfg.mode, s.step, time.perf_counter() - t0,
-                       s.images_per_s, s.history, stopped)
+                       s.images_per_s, s.history, stopped, rt.world, in_sync)
 
 
 def write_inference(model: CDIKTNet, out: str | Path, input_size: int) -> Path:

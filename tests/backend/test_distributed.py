@@ -1,9 +1,10 @@
-"""Sharded indexing: torchrun with 2 gloo ranks builds the same index as one process.
+"""Sharded indexing and DDP training: torchrun with 2 gloo ranks, the single-process commands unchanged.
 
 The real launcher in a subprocess (`python -m torch.distributed.run --standalone
 --nproc_per_node 2 -m model_backend index ...`, i.e. torchrun), on a real raster cut into small
 chunks so both ranks get several; plus the transfer of chunks to rank 0 when ranks do not
-share a cache folder (separate nodes), with two spawned gloo processes.
+share a cache folder (separate nodes), with two spawned gloo processes. Training: the same
+launcher runs `train` on a tiny simulated dataset, both stages under DDP.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
+from model_backend.datasets import write_university_layout
 from model_backend.distributed import Shard, compare_indexes, gather_parts, init_distributed, is_main
 from model_backend.index import IndexWriter, TileIndex
+from model_backend.model import EmbeddingModel
 from model_backend.tiling import TileGrid
+from model_backend.training import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 FOOTPRINT = "30"  # Manila sample (205 m a side): 12 x 12 tiles
@@ -55,6 +61,38 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path: Path, data_dir: Path)
     assert cmp["same_tiles"], cmp
     assert cmp["equal_within_fp16"] and cmp["min_cosine"] > 0.9999, cmp
     assert not (sharded.folder / "parts").exists()
+
+
+def test_torchrun_trains_fewshot_with_two_ranks(tmp_path: Path, data_dir: Path) -> None:
+    """`train` under torchrun on 2 CPU processes (gloo): fewshot, so both stages run under DDP (CDIS
+    pairs split between the ranks; CDTS embedded by both, clustered by rank 0, memories updated
+    from both ranks' batches). Rank 0 alone reports and writes; the ranks end with equal weights.
+    """
+    rasters = [str(data_dir / r) for r in ("manila_oam_0.10m.tif", "netherlands_aerial_0.25m_epsg28992.tif")]
+    data = write_university_layout(rasters, tmp_path / "u1652", 12, 4, seed=1, footprint_m=20.0, size=64,
+                                   test_fraction=0.25)  # 9 training locations x 4 drone views
+    out = tmp_path / "ddp.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "model_backend", "train", "--layout", "university1652", "--data", str(data), "--mode", "fewshot",
+           "--paired-fraction", "0.5", "--steps", "6", "--batch-size", "4", "--input-size", "64",
+           "--cdts-epochs", "2", "--out", str(out), "--workers", "0", "--threads", "1", "--log-every", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # rank 0 alone reports
+    summary = json.loads(lines[0])
+    # CDTS's default epoch is one pass over the 36 drone images for the job: 36 // (4 per view x 2 ranks)
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True, summary
+    assert summary["steps"] == 6 + 2 * (36 // (4 * 2)) and not summary["stopped"], summary
+    ckpt = load_checkpoint(summary["checkpoint"])
+    held = {k: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    written = load_file(out)
+    assert written.keys() == held.keys() and all(torch.equal(written[k], held[k]) for k in held)
+    cdis = [h["loss"] for h in ckpt["history"] if h["stage"] == 0]
+    assert len(cdis) == 6 and np.mean(cdis[-2:]) < np.mean(cdis[:2]), cdis
+    net = EmbeddingModel.load(str(out), "cpu", runtime="torch")
+    emb = net.embed(net.normalise(np.zeros((1, 64, 64, 3), np.uint8)))
+    assert net.meta.input_size == 64 and abs(float(np.linalg.norm(emb)) - 1.0) < 1e-4
 
 
 def _gather_worker(rank: int, world: int, init_file: str, folders: list[str], result: str) -> None:
