@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", help="continue from a checkpoint (OUT.ckpt.pt) with the same settings")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
-    p.add_argument("--amp", default="auto", help="auto | off | bf16 | fp16 (GPU only)")
+    p.add_argument("--amp", default="auto",
+                   help="mixed precision: auto (GPU: bf16 where supported, else fp16 with loss scaling) | off | "
+                        "bf16 | fp16; on CPU only an explicit bf16 applies")
     p.add_argument("--input-size", type=int, help="model input size in pixels (default: the backbone's)")
     p.add_argument("--footprint-m", type=float, help="raster: ground size of a location (default: per raster)")
     p.add_argument("--locations", type=int, help="raster: number of locations (default: a grid over each raster)")
