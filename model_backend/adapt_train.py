@@ -29,7 +29,7 @@ from PIL import Image
 from .adapt_data import TrunkHead, ViewAugment, ViewMaker, photo_north_up, raster_tile, split_backbone, trunk_maps
 from .cdiktnet import CDIKTNet, CDISLoss, CDISLossConfig, CDISOutput, CDTSConfig, CDTSMemory, make_pseudo_labels
 from .datasets.transforms import to_model_input
-from .errors import Cancelled
+from .errors import Cancelled, CdiktError
 from .exif import load_photo
 from .labels import ResolvedLabel, metres_per_unit
 from .query import rotation_crops
@@ -159,7 +159,13 @@ def build_views(model: CDIKTNet, raster: str, train: list[ResolvedLabel], photos
     side = float(np.median([lb.side_m for lb in train]))
     loose = []
     for p in photos:
-        img = Image.fromarray(load_photo(p))
+        if cancel and cancel():
+            raise Cancelled(_CANCELLED)
+        try:
+            img = Image.fromarray(load_photo(p))
+        except CdiktError as exc:  # one unreadable unlabelled photo costs its views, not the adaptation
+            log.warning("Skipping unlabelled photo %s: %s", p, exc)
+            continue
         img.thumbnail((512, 512))
         loose.append(img)
         drone_imgs += [maker.loose_photo(img) for _ in range(cfg.views_per_photo)]
