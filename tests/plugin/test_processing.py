@@ -242,7 +242,7 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
     from dataclasses import replace
     from functools import partial
 
-    from qgis.core import QgsProcessingFeedback, QgsVectorLayer
+    from qgis.core import QgsProcessingFeedback, QgsProject, QgsVectorLayer
 
     import model_backend.adapt
     from model_backend.adapt import AdaptConfig
@@ -256,6 +256,9 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
     raster, labels = _naip_case(tmp_path)
     layer = QgsVectorLayer(str(labels), "labels", "ogr")
     assert layer.isValid() and layer.featureCount() == 6
+    QgsProject.instance().addMapLayer(layer)  # owned by the project (cleared after each test), passed by id:
+    layer_id = layer.id()  # a layer Python still holds when QGIS shuts down crashes the interpreter's exit
+    del layer
 
     class Log(QgsProcessingFeedback):
         def __init__(self) -> None:
@@ -270,7 +273,7 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
 
     log = Log()
     out = tmp_path / "models" / "adapted"  # no suffix: the algorithm adds .safetensors
-    res = _run("cdikt:adapt", {"RASTER": str(raster), "LABELS": layer, "EPOCHS": 1, "OUTPUT": str(out),
+    res = _run("cdikt:adapt", {"RASTER": str(raster), "LABELS": layer_id, "EPOCHS": 1, "OUTPUT": str(out),
                                "CACHE_DIR": str(tmp_path / "cache")}, log)
     written = Path(res["OUTPUT"])
     assert written == out.with_suffix(".safetensors") and written.is_file() and written.stat().st_size > 1e6
@@ -284,7 +287,7 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
     [version] = ModelRegistry(tmp_path / "data").versions()  # the dock's model picker lists it
     assert version.path == str(written)
     with pytest.raises(Exception, match="already exists"):  # never overwrites a model
-        _run("cdikt:adapt", {"RASTER": str(raster), "LABELS": layer, "EPOCHS": 1, "OUTPUT": str(written),
+        _run("cdikt:adapt", {"RASTER": str(raster), "LABELS": layer_id, "EPOCHS": 1, "OUTPUT": str(written),
                              "CACHE_DIR": str(tmp_path / "cache")})
 
 
