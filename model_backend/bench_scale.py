@@ -200,45 +200,34 @@ def mosaic_vrt(src: Path, nx: int, ny: int, folder: Path) -> Path:
     so reading costs what a real mosaic of different images would.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    import rasterio
-
-    with rasterio.open(src) as ds:
-        w, h, gt, srs, count = ds.width, ds.height, ds.transform, ds.crs.to_wkt(), ds.count
     copies = []
     for i in range(nx * ny):
         dst = folder / f"part{i}{src.suffix}"
         shutil.copyfile(src, dst)
         copies.append(dst)
-    bands = []
-    for b in range(1, count + 1):
-        sources = "".join(
-            f'<SimpleSource><SourceFilename relativeToVRT="0">{html.escape(str(copies[j * nx + i]))}'
-            f'</SourceFilename><SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" '
-            f'ySize="{h}"/><DstRect xOff="{i * w}" yOff="{j * h}" xSize="{w}" ySize="{h}"/></SimpleSource>'
-            for j in range(ny) for i in range(nx))
-        bands.append(f'<VRTRasterBand dataType="Byte" band="{b}">{sources}</VRTRasterBand>')
-    vrt = folder / "mosaic.vrt"
-    vrt.write_text(f'<VRTDataset rasterXSize="{w * nx}" rasterYSize="{h * ny}"><SRS>{html.escape(srs)}</SRS>'
-                   f"<GeoTransform>{gt.c!r}, {gt.a!r}, {gt.b!r}, {gt.f!r}, {gt.d!r}, {gt.e!r}</GeoTransform>"
-                   f"{''.join(bands)}</VRTDataset>")
-    return vrt
+    return _write_mosaic(src, copies, nx, ny, folder / "mosaic.vrt")
 
 
 def mosaic_vrt_refs(src: Path, nx: int, ny: int, out: Path) -> Path:
     """An nx x ny VRT mosaic whose every cell references `src` itself: large on paper, no pixel copied."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _write_mosaic(src, [src] * (nx * ny), nx, ny, out, max_bands=3)
+
+
+def _write_mosaic(src: Path, cells: list[Path], nx: int, ny: int, out: Path, max_bands: int | None = None) -> Path:
+    """The VRT XML of an nx x ny grid of rasters shaped like `src` (row-major `cells`), georeferenced as `src`."""
     import rasterio
 
     with rasterio.open(src) as ds:
         w, h, gt, srs, count = ds.width, ds.height, ds.transform, ds.crs.to_wkt(), ds.count
     bands = []
-    for b in range(1, min(count, 3) + 1):
+    for b in range(1, (min(count, max_bands) if max_bands else count) + 1):
         sources = "".join(
-            f'<SimpleSource><SourceFilename relativeToVRT="0">{html.escape(str(src))}</SourceFilename>'
-            f'<SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
-            f'<DstRect xOff="{i * w}" yOff="{j * h}" xSize="{w}" ySize="{h}"/></SimpleSource>'
+            f'<SimpleSource><SourceFilename relativeToVRT="0">{html.escape(str(cells[j * nx + i]))}'
+            f'</SourceFilename><SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" '
+            f'ySize="{h}"/><DstRect xOff="{i * w}" yOff="{j * h}" xSize="{w}" ySize="{h}"/></SimpleSource>'
             for j in range(ny) for i in range(nx))
         bands.append(f'<VRTRasterBand dataType="Byte" band="{b}">{sources}</VRTRasterBand>')
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f'<VRTDataset rasterXSize="{w * nx}" rasterYSize="{h * ny}"><SRS>{html.escape(srs)}</SRS>'
                    f"<GeoTransform>{gt.c!r}, {gt.a!r}, {gt.b!r}, {gt.f!r}, {gt.d!r}, {gt.e!r}</GeoTransform>"
                    f"{''.join(bands)}</VRTDataset>")

@@ -118,3 +118,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
         time.sleep(0.01)
     QCoreApplication.processEvents()
     return predicate()
+
+
+def naip_adapt_case(tmp_path: Path, n_photos: int = 6) -> tuple[Path, Path]:
+    """A strongly shifted adaptation case: a 1.6 km crop of NAIP 2015 (the map) and `n_photos` photos
+    simulated from NAIP 2020 of the same ground, labelled at their footprints. Returns (map, labels file)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from model_backend.adapt_bench import make_labelled_photos
+
+    win = Window(300, 200, 320, 320)
+    paths = {}
+    for year in (2015, 2020):
+        with rasterio.open(DATA / f"naip_northdakota_5m_{year}.tif") as s:
+            profile = {**s.profile, "width": 320, "height": 320, "transform": s.window_transform(win), "tiled": False}
+            profile.pop("blockxsize", None)
+            profile.pop("blockysize", None)
+            paths[year] = tmp_path / f"naip_{year}.tif"
+            with rasterio.open(paths[year], "w", **profile) as d:
+                d.write(s.read(window=win))
+    labels = make_labelled_photos(paths[2020], paths[2015], n_photos, 300.0, 3, tmp_path / "photos", size=(320, 240))
+    return paths[2015], labels
+

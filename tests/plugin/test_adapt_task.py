@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .qgis_helpers import DATA, wait_until
+from .qgis_helpers import DATA, naip_adapt_case, wait_until
 
 pytest.importorskip("torch")
 
@@ -20,24 +20,10 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture()
 def case(tmp_path: Path) -> dict:
     """A 1.6 km crop of NAIP 2015 and six photos simulated from NAIP 2020, labelled at their footprints."""
-    import rasterio
     from qgis.core import QgsProject, QgsRasterLayer
-    from rasterio.windows import Window
 
-    from model_backend.adapt_bench import make_labelled_photos
-
-    win = Window(300, 200, 320, 320)
-    paths = {}
-    for year in (2015, 2020):
-        with rasterio.open(DATA / f"naip_northdakota_5m_{year}.tif") as s:
-            profile = {**s.profile, "width": 320, "height": 320, "transform": s.window_transform(win), "tiled": False}
-            profile.pop("blockxsize", None)
-            profile.pop("blockysize", None)
-            paths[year] = tmp_path / f"naip_{year}.tif"
-            with rasterio.open(paths[year], "w", **profile) as d:
-                d.write(s.read(window=win))
-    labels = make_labelled_photos(paths[2020], paths[2015], 6, 300.0, 3, tmp_path / "photos", size=(320, 240))
-    layer = QgsRasterLayer(str(paths[2015]), "naip 2015")
+    raster, labels = naip_adapt_case(tmp_path)
+    layer = QgsRasterLayer(str(raster), "naip 2015")
     QgsProject.instance().addMapLayer(layer)
     return {"layer": layer, "labels": labels}
 

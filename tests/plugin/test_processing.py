@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from .qgis_helpers import DATA, ROOT
+from .qgis_helpers import DATA, ROOT, naip_adapt_case
 
 RASTER = DATA / "manila_oam_0.10m.tif"
 FOOTPRINT = 40.0
@@ -216,27 +216,6 @@ def test_adapt_refuses_labels_that_are_not_a_labels_file_or_empty(provider, tmp_
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def _naip_case(tmp_path: Path) -> tuple[Path, Path]:
-    """A 1.6 km crop of NAIP 2015 (the map) and six photos simulated from NAIP 2020, labelled at their footprints."""
-    import rasterio
-    from rasterio.windows import Window
-
-    from model_backend.adapt_bench import make_labelled_photos
-
-    win = Window(300, 200, 320, 320)
-    paths = {}
-    for year in (2015, 2020):
-        with rasterio.open(DATA / f"naip_northdakota_5m_{year}.tif") as s:
-            profile = {**s.profile, "width": 320, "height": 320, "transform": s.window_transform(win), "tiled": False}
-            profile.pop("blockxsize", None)
-            profile.pop("blockysize", None)
-            paths[year] = tmp_path / f"naip_{year}.tif"
-            with rasterio.open(paths[year], "w", **profile) as d:
-                d.write(s.read(window=win))
-    return paths[2015], make_labelled_photos(paths[2020], paths[2015], 6, 300.0, 3, tmp_path / "photos",
-                                             size=(320, 240))
-
-
 def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provider, tmp_path, monkeypatch) -> None:
     """The whole algorithm on a real (small) case: labels layer in, new weights file out, figures in the log."""
     from dataclasses import replace
@@ -253,7 +232,7 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
     tiny = replace(TrainConfig(), views_per_pair=2, unlabelled_tiles=8, styled_views_per_tile=1, steps_per_epoch=3)
     monkeypatch.setattr(model_backend.adapt, "AdaptConfig", partial(AdaptConfig, runtime="torch", rotations=2,
                                                                     train=tiny))  # the algorithm's, made tiny
-    raster, labels = _naip_case(tmp_path)
+    raster, labels = naip_adapt_case(tmp_path)
     layer = QgsVectorLayer(str(labels), "labels", "ogr")
     assert layer.isValid() and layer.featureCount() == 6
     QgsProject.instance().addMapLayer(layer)  # owned by the project (cleared after each test), passed by id:
