@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .runtime import scale_shift
 
 if TYPE_CHECKING:
     from .runtime import Runner
@@ -221,8 +222,7 @@ class EmbeddingModel:
         # One fused numpy pass (x * 1/(255 std) - mean/std), single-threaded: it runs in the indexing
         # reader thread beside the model, where torch's multi-pass version cost ~1 ms of CPU per tile.
         img = np.asarray(images_uint8)
-        scale = (1.0 / (255.0 * np.asarray(self.meta.std, np.float64))).astype(np.float32)
-        shift = (-np.asarray(self.meta.mean, np.float64) / np.asarray(self.meta.std, np.float64)).astype(np.float32)
+        scale, shift = scale_shift(self.meta.mean, self.meta.std)
         if self.runner is None and self.device.type == "cpu":  # PyTorch on CPU runs channels_last: NHWC memory
             out = np.multiply(img, scale, dtype=np.float32)
             out += shift

@@ -180,13 +180,14 @@ def normalise_nchw(images: np.ndarray, mean: tuple[float, ...], std: tuple[float
     The same two float32 operations, in the same order, as the nodes `uint8_input_graph` adds,
     so a runner fed uint8 sees the very input values the float path would have given it.
     """
-    scale, shift = _scale_shift(mean, std)
+    scale, shift = scale_shift(mean, std)
     out = np.multiply(images, scale.reshape(1, 3, 1, 1), dtype=np.float32)
     out += shift.reshape(1, 3, 1, 1)
     return out
 
 
-def _scale_shift(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+def scale_shift(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (1/(255 std), -mean/std) per channel: normalisation as one multiply and one add, wherever it runs."""
     m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
     return (1.0 / (255.0 * s)).astype(np.float32), (-m / s).astype(np.float32)
 
@@ -207,7 +208,7 @@ def uint8_input_graph(path: Path, mean: tuple[float, ...], std: tuple[float, ...
     new.CopyFrom(old)
     new.name = f"{old.name}_uint8"
     new.type.tensor_type.elem_type = TensorProto.UINT8
-    scale, shift = _scale_shift(mean, std)
+    scale, shift = scale_shift(mean, std)
     g.initializer.extend([numpy_helper.from_array(scale.reshape(1, 3, 1, 1), "cdikt_u8_scale"),
                           numpy_helper.from_array(shift.reshape(1, 3, 1, 1), "cdikt_u8_shift")])
     nodes = [helper.make_node("Cast", [new.name], ["cdikt_u8_float"], to=TensorProto.FLOAT, name="cdikt_u8_cast"),
