@@ -30,7 +30,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .model_panel import ModelPanel
+from .model_panel import ModelPanel, ProgressStatus
 from .settings import CdiktSettings
 from .tasks import LocateParams
 
@@ -56,7 +56,7 @@ def load_thumbnail(path: str, size: QSize = THUMB) -> QPixmap:
     return QPixmap.fromImage(image.scaled(size, Qt.KeepAspectRatio, Qt.SmoothTransformation))
 
 
-class LocateDock(QDockWidget):
+class LocateDock(ProgressStatus, QDockWidget):
     """Inputs for one localisation, progress, and the export button."""
 
     locate_requested = pyqtSignal(object)  # LocateParams
@@ -220,14 +220,6 @@ class LocateDock(QDockWidget):
         if running:
             self.progress.setValue(0)
             self.status.setText("Starting…")
-
-    def set_progress(self, fraction: float, message: str = "") -> None:
-        self.progress.setValue(round(100 * min(max(fraction, 0.0), 1.0)))
-        if message:
-            self.status.setText(message)
-
-    def set_status(self, text: str) -> None:
-        self.status.setText(text)
 
     def set_result_available(self, available: bool) -> None:
         self.export_button.setEnabled(available)

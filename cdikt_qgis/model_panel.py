@@ -13,7 +13,26 @@ ADAPT_TEXT = "Adapt model"
 CANCEL_TEXT = "Cancel adaptation"
 
 
-class ModelPanel(QGroupBox):
+class ProgressStatus:
+    """What a panel with a `progress` bar and a `status` label shows of a running engine job.
+
+    Mixed into Qt widgets: a task's `progressed` signal connected to `set_progress` of one is
+    queued to the main thread like any QObject method.
+    """
+
+    progress: QProgressBar
+    status: QLabel
+
+    def set_progress(self, fraction: float, message: str = "") -> None:
+        self.progress.setValue(round(100 * min(max(fraction, 0.0), 1.0)))
+        if message:
+            self.status.setText(message)
+
+    def set_status(self, text: str) -> None:
+        self.status.setText(text)
+
+
+class ModelPanel(ProgressStatus, QGroupBox):
     """Model picker, Label pairs…, This candidate is right, Adapt model (Cancel while running), Roll back."""
 
     model_chosen = pyqtSignal(object)  # weights path, or None for the embedded default
@@ -80,11 +99,3 @@ class ModelPanel(QGroupBox):
         self.progress.setValue(0)
         for w in (self.model_combo, self.rollback_button):
             w.setEnabled(not running)
-
-    def set_progress(self, fraction: float, message: str = "") -> None:
-        self.progress.setValue(round(100 * min(max(fraction, 0.0), 1.0)))
-        if message:
-            self.status.setText(message)
-
-    def set_status(self, text: str) -> None:
-        self.status.setText(text)

@@ -50,6 +50,13 @@ def _isolated(qgis_app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     QgsSettings().remove("cdikt")
 
 
+@pytest.fixture()
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh user data folder (model registry, labels of unsaved projects) for the test."""
+    monkeypatch.setenv("CDIKT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
 @pytest.fixture
 def iface(qgis_app) -> Iterator[HeadlessIface]:
     i = HeadlessIface()

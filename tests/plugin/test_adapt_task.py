@@ -12,12 +12,6 @@ pytest.importorskip("torch")
 
 
 @pytest.fixture()
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CDIKT_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path / "data"
-
-
-@pytest.fixture()
 def case(tmp_path: Path) -> dict:
     """A 1.6 km crop of NAIP 2015 and six photos simulated from NAIP 2020, labelled at their footprints."""
     from qgis.core import QgsProject, QgsRasterLayer

@@ -14,12 +14,6 @@ RASTER = DATA / "naip_northdakota_5m_2015.tif"
 
 
 @pytest.fixture()
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CDIKT_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path / "data"
-
-
-@pytest.fixture()
 def photos(tmp_path: Path) -> Path:
     from PIL import Image
 
