@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from .adapt_data import ViewAugment
-from .adapt_train import TrainConfig, build_views, train_head
+from .adapt_look import LOOKS, LookChoice, choose_look, fold_luminance, sees_luminance
+from .adapt_train import TrainConfig, build_views, sample_tile_centres, train_head
 from .candidates import select_candidates
 from .cdiktnet import CDIKTNet, save_inference_weights
 from .config import TilingConfig
@@ -63,6 +64,9 @@ class AdaptConfig:
     rotations: int = 8
     max_rank: int = 50
     """Ranks are counted among this many distinct candidates; a true place not among them gets max_rank + 1."""
+    look: str = "auto"
+    """'colour', 'luminance' (the adapted model ignores colour, see adapt_look) or 'auto': whichever ranks
+    the training pairs better."""
     runtime: str = "auto"
     """Inference engine for indexing and queries (model.ModelConfig.runtime); 'torch' skips the export."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -118,6 +122,7 @@ class AdaptResult:
     cpu_seconds: float
     index_dir: str
     config: AdaptConfig
+    look: LookChoice = field(default_factory=lambda: LookChoice("colour", {}))
     version_id: str | None = None
     log: list[dict[str, float]] = field(default_factory=list)
 
@@ -129,7 +134,8 @@ class AdaptResult:
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "parent_weights": self.parent_weights, "version": self.version_id,
                 "before": self.before.to_dict(), "after": self.after.to_dict(), "improved": self.improved,
-                "trained_part": self.trained_part, "n_train": self.n_train, "n_holdout": len(self.held_out),
+                "trained_part": self.trained_part, "look": self.look.look, "look_scores": self.look.scores,
+                "n_train": self.n_train, "n_holdout": len(self.held_out),
                 "held_out": self.held_out, "footprint_m": round(self.footprint_m, 2),
                 "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
                 "index": self.index_dir, "epochs": self.config.epochs, "seed": self.config.seed}
@@ -218,6 +224,25 @@ def load_trainable(weights: str | None) -> CDIKTNet:
     return CDIKTNet("mobilenet_v2", 0, state, pooling=meta.pooling)
 
 
+def _apply_look(model: CDIKTNet, raster: str, train: list[ResolvedLabel], config: AdaptConfig,
+                crs_wkt: str) -> LookChoice:
+    """Decide (or take) the look and fold it into `model`; an inherited luminance look stays."""
+    if config.look not in LOOKS:
+        raise InputError(f"Unknown look {config.look!r}; use one of {', '.join(LOOKS)}.")
+    if sees_luminance(model):
+        return LookChoice("luminance", {}, inherited=True)
+    if config.look == "auto":
+        side = float(np.median([lb.side_m for lb in train]))
+        rng = np.random.default_rng([config.seed, 3])
+        choice = choose_look(model, raster, train, sample_tile_centres(raster, side, 100, rng), crs_wkt,
+                             config.rotations)
+    else:
+        choice = LookChoice(config.look, {})
+    if choice.look == "luminance":
+        fold_luminance(model)
+    return choice
+
+
 def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = None, *,
           config: AdaptConfig = AdaptConfig(), photos: list[str] | None = None, cache_dir: str | None = None,
           registry: ModelRegistry | None = None, threads: int | None = None,
@@ -253,6 +278,8 @@ def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = N
     log.info("Before adaptation: %s", before.to_dict())
 
     model = load_trainable(weights).eval()
+    look = _apply_look(model, raster, train, config, info.crs_wkt)
+    _check_cancel(cancel)
     views = build_views(model, raster, train, photos or [], config.train, config.augment, config.seed,
                         before_net, progress=_stage(progress, 0.2, 0.45), cancel=cancel)
     history = train_head(views, model, config.train, config.epochs, config.seed,
@@ -274,12 +301,13 @@ def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = N
     log.info("After adaptation: %s", after.to_dict())
     result = AdaptResult(
         out=str(out_path), parent_weights=str(Path(weights).absolute()) if weights else None, before=before,
-        after=after, trained_part=views.trained_part, n_train=len(train), held_out=[lb.photo.name for lb in held],
+        after=after, trained_part=f"{views.trained_part}; {look.describe()}", n_train=len(train),
+        held_out=[lb.photo.name for lb in held],
         footprint_m=footprint, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
-        index_dir=index_dir, config=config, log=history)
+        index_dir=index_dir, config=config, look=look, log=history)
     if registry is not None:
-        figures = {k: v for k, v in result.to_dict().items() if k in ("before", "after", "trained_part", "n_train",
-                                                                      "n_holdout", "footprint_m", "epochs", "seed")}
+        kept = ("before", "after", "trained_part", "look", "n_train", "n_holdout", "footprint_m", "epochs", "seed")
+        figures = {k: v for k, v in result.to_dict().items() if k in kept}
         figures["raster"] = Path(raster).name
         result.version_id = registry.add(out_path, result.parent_weights, figures).id
     if progress:

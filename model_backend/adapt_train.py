@@ -99,7 +99,7 @@ class AdaptViews:
         return self.split.description
 
 
-def _tile_centres(raster: str, footprint_m: float, n: int, rng: np.random.Generator) -> list[tuple[float, float]]:
+def sample_tile_centres(raster: str, footprint_m: float, n: int, rng: np.random.Generator) -> list[tuple[float, float]]:
     """`n` centres of the raster's own tile grid (the tiles the index will hold), drawn at random."""
     from .config import TilingConfig
 
@@ -172,7 +172,7 @@ def build_views(model: CDIKTNet, raster: str, train: list[ResolvedLabel], photos
         d_loc += [-1] * cfg.views_per_photo
     looks = [np.asarray(to_model_input(im, size)) for im in [*north_up_photos, *loose]]
     styled_d, styled_s = [], []
-    for x, y in _tile_centres(raster, side, cfg.unlabelled_tiles, rng):
+    for x, y in sample_tile_centres(raster, side, cfg.unlabelled_tiles, rng):
         tile, valid = raster_tile(raster, x, y, side, size)
         if valid < 0.5:
             continue
