@@ -20,7 +20,7 @@ import rasterio
 from rasterio.windows import Window
 
 from model_backend.adapt import AdaptConfig, ValidationFigure, adapt, split_holdout
-from model_backend.adapt_bench import IMAGENET, make_labelled_photos
+from model_backend.adapt_bench import IMAGENET, camera_look, make_labelled_photos
 from model_backend.adapt_train import TrainConfig
 from model_backend.errors import InputError
 from model_backend.labels import Label, LabelSet, read_labels, square_footprint, write_labels
@@ -32,15 +32,6 @@ WINDOW = Window(300, 200, 320, 320)  # a 1.6 km square of the 5 m NAIP raster
 SMALL_TRAIN = TrainConfig(views_per_pair=6, unlabelled_tiles=30, views_per_tile=2, styled_views_per_tile=2,
                           styled_per_step=16, steps_per_epoch=10, cdts_batch=16)
 SMALL = AdaptConfig(epochs=3, holdout_count=16, rotations=4, runtime="torch", train=SMALL_TRAIN)
-
-
-def _camera_look(path: Path) -> None:
-    """The shifted camera: R, G, B read as B^0.5, R^2, G^1.5, then blurred (a strong, global change)."""
-    from PIL import Image, ImageFilter
-
-    a = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255.0
-    b = np.stack([a[..., 2] ** 0.5, a[..., 0] ** 2.0, a[..., 1] ** 1.5], axis=-1)
-    Image.fromarray((b * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2)).save(path, quality=95)
 
 
 def _crop(src: Path, dst: Path) -> Path:
@@ -59,9 +50,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = Path(__file__).resolve().parents[1] / "data"
     root = tmp_path_factory.mktemp("adapt")
     map_ = _crop(data / "naip_northdakota_5m_2015.tif", root / "map_2015.tif")
-    labels = make_labelled_photos(map_, map_, 24, FOOTPRINT, 7, root / "photos", size=(320, 240))
-    for photo in (root / "photos").glob("*.jpg"):
-        _camera_look(photo)
+    labels = make_labelled_photos(map_, map_, 24, FOOTPRINT, 7, root / "photos", size=(320, 240), look=camera_look)
     return {"root": root, "map": str(map_), "labels": labels}
 
 
