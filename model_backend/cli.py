@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (default: the engine's)")
     p.add_argument("--photos", nargs="*", default=[], metavar="PHOTO", help="unlabelled photos of the area (CDTS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
+    p.add_argument("--look", choices=("auto", "colour", "luminance"), default="auto",
+                   help="keep colour, drop it (luminance only: for imagery whose colours change, e.g. crops "
+                        "across years), or auto: whichever matches the training pairs better (default)")
     _cache_dir(p)
     _verbose(p)
     p.set_defaults(device="cpu", batch_size=32)
@@ -164,7 +167,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from .adapt import AdaptConfig, adapt
     from .model_versions import ModelRegistry
 
-    config = AdaptConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    config = AdaptConfig(seed=args.seed, look=args.look, **({"epochs": args.epochs} if args.epochs else {}))
     result = adapt(args.raster, labels, args.out, args.weights, config=config, photos=args.photos,
                    cache_dir=args.cache_dir, registry=ModelRegistry(), progress=_progress(args.verbose))
     print(result.json_line(), flush=True)

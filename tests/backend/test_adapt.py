@@ -88,6 +88,7 @@ def test_adaptation_improves_the_held_out_figure_and_writes_a_new_version(case: 
     assert res.after.top1 > res.before.top1, (res.before.to_dict(), res.after.to_dict())
     assert ranks_after.mean() < ranks_before.mean()
     assert out.is_file() and "last" in res.trained_part
+    assert res.look.look in ("colour", "luminance") and set(res.look.scores) == {"colour", "luminance"}
     (version,) = registry.versions()
     assert version.path == str(out) and version.parent is None and version.figures["after"]["top1"] == res.after.top1
     assert version.parent_path == str(IMAGENET)
@@ -165,9 +166,14 @@ def test_cli_adapt_prints_before_and_after(case: dict, tmp_path: Path, cache_dir
     write_labels(geo, replace(ls, labels=[replace(lb, photo=str(ls.photo_path(lb))) for lb in ls.labels[:4]],
                               path=str(geo)))
     rc = main(["adapt", "--raster", case["map"], "--labels", str(geo), "--out", str(tmp_path / "m.safetensors"),
-               "--epochs", "1", "--cache-dir", str(cache_dir)])
+               "--epochs", "1", "--cache-dir", str(cache_dir), "--look", "luminance"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(doc["before"]) >= {"top1", "median_rank", "ranks"} and doc["after"]["n"] == 1
     assert doc["n_train"] == 3 and Path(doc["out"]).is_file()
+    assert doc["look"] == "luminance" and "luminance only" in doc["trained_part"]
+    from model_backend.adapt import load_trainable
+    from model_backend.adapt_look import sees_luminance
+
+    assert sees_luminance(load_trainable(doc["out"]))  # the written model ignores colour
     assert ModelRegistry().versions()[0].path == doc["out"]  # recorded in $CDIKT_DATA_DIR
