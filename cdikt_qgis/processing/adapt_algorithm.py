@@ -20,6 +20,7 @@ from qgis.core import (
     QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
     QgsProcessingParameterVectorLayer,
@@ -31,6 +32,9 @@ from .common import MODEL_HELP, CdiktAlgorithm, EngineFeedback, engine_errors, i
 
 LABELS = "LABELS"
 EPOCHS = "EPOCHS"
+LOOK = "LOOK"
+LOOKS = (("auto", "Auto: drop colour if the labelled pairs match better without it"), ("colour", "Keep colour"),
+         ("luminance", "Drop colour (luminance only: e.g. crops that change from year to year)"))
 OUTPUT = "OUTPUT"
 TOP1_BEFORE = "TOP1_BEFORE"
 TOP1_AFTER = "TOP1_AFTER"
@@ -70,7 +74,10 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
             "place of each held-out photo ranks among the raster's candidates (top-1 rate, median rank).</p>"
             "<p>On CPU only the network's last stage is trained (a few minutes). The result is a <b>new</b> "
             ".safetensors file (an existing file is never overwritten), also listed in the dock's model "
-            "picker; the raster is re-indexed with it.</p>" + MODEL_HELP
+            "picker; the raster is re-indexed with it.</p>"
+            "<p><b>Colour</b>: across years crops change colour field by field; the adapted model can ignore "
+            "colour and see luminance only. <i>Auto</i> does so when the training pairs match better "
+            "without it.</p>" + MODEL_HELP
         )
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
@@ -80,6 +87,8 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             EPOCHS, "Epochs (0: the engine's default)", QgsProcessingParameterNumber.Integer,
             defaultValue=0, minValue=0, maxValue=200))
+        self.addParameter(QgsProcessingParameterEnum(LOOK, "Colour", options=[text for _, text in LOOKS],
+                                                     defaultValue=0))
         self.add_model_parameters()
         self.addParameter(QgsProcessingParameterFileDestination(
             OUTPUT, "Adapted model", "Safetensors weights (*.safetensors)"))
@@ -101,6 +110,7 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
         if not out.lower().endswith(".safetensors"):
             out += ".safetensors"
         epochs = self.parameterAsInt(parameters, EPOCHS, context)
+        look = LOOKS[self.parameterAsEnum(parameters, LOOK, context)][0]
         bridge = EngineFeedback(feedback)
         import_engine()
         from model_backend.adapt import AdaptConfig, adapt
@@ -112,7 +122,8 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
                 raise Cancelled()
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             res = adapt(inputs.source.path, self._labels or "", out, inputs.weights,
-                        config=AdaptConfig(epochs=epochs) if epochs else AdaptConfig(), cache_dir=inputs.cache_dir,
+                        config=AdaptConfig(look=look, **({"epochs": epochs} if epochs else {})),
+                        cache_dir=inputs.cache_dir,
                         registry=ModelRegistry(engine_default_data_dir()), progress=bridge.progress,
                         cancel=bridge.cancel)
         figures = res.to_dict()

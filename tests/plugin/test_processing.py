@@ -253,7 +253,7 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
     log = Log()
     out = tmp_path / "models" / "adapted"  # no suffix: the algorithm adds .safetensors
     res = _run("cdikt:adapt", {"RASTER": str(raster), "LABELS": layer_id, "EPOCHS": 1, "OUTPUT": str(out),
-                               "CACHE_DIR": str(tmp_path / "cache")}, log)
+                               "LOOK": 2, "CACHE_DIR": str(tmp_path / "cache")}, log)
     written = Path(res["OUTPUT"])
     assert written == out.with_suffix(".safetensors") and written.is_file() and written.stat().st_size > 1e6
     figures = json.loads(res["VALIDATION"])
@@ -261,7 +261,8 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
     assert res["TOP1_BEFORE"] == figures["before"]["top1"] and res["TOP1_AFTER"] == figures["after"]["top1"]
     assert res["MEDIAN_RANK_AFTER"] == figures["after"]["median_rank"]
     assert any(line.startswith("Before: top-1") for line in log.lines)
-    assert any("Trained: MobileNetV2" in line for line in log.lines)
+    assert any("Trained: MobileNetV2" in line and "luminance only" in line for line in log.lines)
+    assert figures["look"] == "luminance"  # the Colour parameter reached the engine
     assert log.progress and max(log.progress) == pytest.approx(100.0)
     [version] = ModelRegistry(tmp_path / "data").versions()  # the dock's model picker lists it
     assert version.path == str(written)
