@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .adapt import AdaptConfig, adapt
+from .adapt_look import LOOKS
 from .labels import Label, LabelSet, square_footprint, write_labels
 from .model import DEFAULT_WEIGHTS_NAME, resources_dir
 from .model_versions import ModelRegistry
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; one JSON line each, then their mean gain")
     ap.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
     ap.add_argument("--n-test", type=int, default=100)
-    ap.add_argument("--look", default=AdaptConfig.look, choices=("auto", "colour", "luminance"))
+    ap.add_argument("--look", default=AdaptConfig.look, choices=LOOKS)
     ap.add_argument("--year", type=int, default=2020, choices=sorted(PHOTO_RASTERS))
     ap.add_argument("--keep", help="keep the work folder here (one seed only)")
     args = ap.parse_args(argv)

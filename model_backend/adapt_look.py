@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapt_data import raster_tile
+from .adapt_data import normalise, raster_tile
 from .cdiktnet import CDIKTNet
+from .config import ADAPT_LOOKS
 from .errors import InputError
 from .exif import load_photo
 from .labels import ResolvedLabel, metres_per_unit
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 LUMA = (0.299, 0.587, 0.114)
 """ITU-R BT.601 luma weights: the grey the fold computes."""
-LOOKS = ("auto", "colour", "luminance")
+LOOKS = ADAPT_LOOKS
 
 
 def _first_conv(model: CDIKTNet) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
@@ -109,13 +110,9 @@ class LookChoice:
 
 @torch.no_grad()
 def _embed(model: CDIKTNet, images: np.ndarray, batch: int = 64) -> torch.Tensor:
-    mean = torch.tensor(model.backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.backbone.std).view(1, 3, 1, 1)
-    out = []
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).float() / 255.0
-        out.append(model.embed((x - mean) / std))
-    return torch.cat(out)
+    bb = model.backbone
+    return torch.cat([model.embed(normalise(list(images[i:i + batch]), bb.mean, bb.std))
+                      for i in range(0, len(images), batch)])
 
 
 def choose_look(model: CDIKTNet, raster: str, train: list[ResolvedLabel], distractors: list[tuple[float, float]],

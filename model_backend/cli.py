@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ModelConfig, QueryConfig, TilingConfig
+from .config import ADAPT_LOOKS, ModelConfig, QueryConfig, TilingConfig
 from .errors import Cancelled, CdiktError
 
 EXIT_USER_ERROR = 2
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (default: the engine's)")
     p.add_argument("--photos", nargs="*", default=[], metavar="PHOTO", help="unlabelled photos of the area (CDTS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
-    p.add_argument("--look", choices=("auto", "colour", "luminance"), default="auto",
+    p.add_argument("--look", choices=ADAPT_LOOKS, default="auto",
                    help="keep colour, drop it (luminance only: for imagery whose colours change, e.g. crops "
                         "across years), or auto: whichever matches the training pairs better (default)")
     _cache_dir(p)

@@ -62,3 +62,7 @@ class QueryConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+ADAPT_LOOKS = ("auto", "colour", "luminance")
+"""What an adapted model may do with colour (model_backend.adapt_look); here, torch-free, for the CLI's options."""
