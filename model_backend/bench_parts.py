@@ -242,6 +242,8 @@ FLOORS: dict[str, Floor] = {
                                     "photo at 8 rotations + scoring 10^5 tiles, seconds"),
     "peak_rss_bytes_40k": Floor("peak_rss_bytes_40k", "<=", "peak_rss_40k_limit_bytes",
                                 "indexing a 40k x 40k VRT; limit 2 GB + the loaded model"),
+    "synth_render_s": Floor("synth_render_s", "<=", 0.5, "one 640x480 semi-synthetic view, seconds (a whole-raster "
+                            "read would show)"),
     "ann_recall_at_10": Floor("ann_recall_at_10", ">=", 0.99, "compressed index vs exact search"),
     "ann_bytes_per_1e6_tiles": Floor("ann_bytes_per_1e6_tiles", "<=", None,
                                      "compressed index memory per 10^6 tiles: reported, no number set"),

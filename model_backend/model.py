@@ -55,8 +55,10 @@ class ModelMeta:
 
 
 def resources_dir() -> Path:
-    """`resources/` beside `model_backend/`: the repo root in development, the plugin folder when packaged."""
-    return Path(__file__).resolve().parent.parent / "resources"
+    """`resources/` beside `model_backend/` (a checkout), else one level up (the plugin's `libs/model_backend/`)."""
+    package = Path(__file__).resolve().parent
+    candidates = [package.parent / "resources", package.parent.parent / "resources"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def imagenet_weights_path() -> Path:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.io
 from affine import Affine
 from pyproj import CRS, Geod, Transformer
 from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NodataShadowWarning, RasterioIOError
 
 from .errors import InputError
 
@@ -147,3 +149,15 @@ def _fingerprint(p: Path, ds: rasterio.io.DatasetReader) -> str:
                  tuple(ds.transform)[:6], ds.crs.to_wkt()):
         h.update(repr(part).encode())
     return h.hexdigest()
+
+
+def dataset_mask(ds: rasterio.io.DatasetReader, **kwargs) -> np.ndarray:
+    """``ds.dataset_mask(**kwargs)`` without rasterio's NodataShadowWarning.
+
+    A raster with both an alpha band and a nodata value (Pix4D exports) makes rasterio warn on
+    every read that nodata wins; the mask is what we want either way, and the warning would
+    reach the analyst's terminal on each command.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NodataShadowWarning)
+        return ds.dataset_mask(**kwargs)

@@ -22,7 +22,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from .raster import RasterInfo
+from .raster import RasterInfo, dataset_mask
 from .tiling import TileGrid
 
 # Masked pixels are filled with the ImageNet mean colour: zero after normalisation, so they
@@ -65,7 +65,7 @@ def compute_stretch(info: RasterInfo, max_side: int = 1024) -> Stretch:
     shape = (max(1, round(info.height * f)), max(1, round(info.width * f)))
     with rasterio.open(info.path) as ds:
         data = ds.read(list(info.rgb_bands), out_shape=(3, *shape), resampling=Resampling.nearest)
-        mask = ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+        mask = dataset_mask(ds, out_shape=shape, resampling=Resampling.nearest) > 0
     lo, hi = [], []
     for b in range(3):
         vals = data[b][mask] if mask.any() else data[b].ravel()
@@ -123,7 +123,7 @@ class StripReader:
             raw = self._ds.read(bands, window=win, out_shape=(3, *shape), resampling=self._resampling)
             out[...] = self.stretch.apply(raw)
         if self.info.has_mask:
-            mask = self._ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.nearest) > 0
+            mask = dataset_mask(self._ds, window=win, out_shape=shape, resampling=Resampling.nearest) > 0
         else:
             # Many orthophotos carry an undeclared black collar (no nodata tag, no alpha): pixels
             # that are exactly 0 in every band are treated as outside coverage, not embedded.

@@ -31,7 +31,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from .errors import InputError
-from .raster import RasterInfo, open_raster
+from .raster import RasterInfo, dataset_mask, open_raster
 from .reader import Stretch, compute_stretch
 
 DIAG_FOV_DEG = 84.0
@@ -291,7 +291,7 @@ def _read_valid(ds: rasterio.io.DatasetReader, info: RasterInfo, win: Window, sh
                 rgb: np.ndarray | None = None) -> np.ndarray:
     """Validity (bool) of a window read at `shape`: the dataset mask, else not near-black."""
     if info.has_mask:
-        return ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.average) == 255
+        return dataset_mask(ds, window=win, out_shape=shape, resampling=Resampling.average) == 255
     if rgb is None:
         bands = list(dict.fromkeys(info.rgb_bands))
         rgb = ds.read(bands, window=win, out_shape=(len(bands), *shape), resampling=Resampling.average)

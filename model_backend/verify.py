@@ -27,7 +27,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from .candidates import Candidate, to_wgs84
-from .raster import RasterInfo
+from .raster import RasterInfo, dataset_mask
 from .reader import compute_stretch
 
 CONF_COEF = (-8.6, 4.2, 2.3)
@@ -261,7 +261,7 @@ class Verifier:
         data = self.ds.read(list(info.rgb_bands), window=win, out_shape=(3, oh, ow),
                             resampling=Resampling.bilinear if up else Resampling.average)
         if info.has_mask:
-            valid = self.ds.dataset_mask(window=win, out_shape=(oh, ow), resampling=Resampling.nearest) > 0
+            valid = dataset_mask(self.ds, window=win, out_shape=(oh, ow), resampling=Resampling.nearest) > 0
         else:
             valid = data.max(axis=0) > 0   # undeclared black collars, as the tile reader treats them
         if self._stretch is not None:

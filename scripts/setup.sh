@@ -130,6 +130,29 @@ setup_venv() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# 2b. PROJ data for pyproj inside the venv
+# ---------------------------------------------------------------------------------------------
+# Debian's pyproj finds PROJ's data through PROJ_DATA, then <sys.prefix>/share/proj, then a `proj`
+# executable on PATH. In a venv sys.prefix is the venv, and `proj` comes only with proj-bin, which
+# a fresh machine lacks: every command would warn "Valid PROJ data directory not found". A link
+# from the venv's share/proj to Debian's proj-data fixes it for every process that uses the venv.
+setup_proj_data() {
+    local system_proj=/usr/share/proj link="$VENV/share/proj"
+    if [ ! -f "$system_proj/proj.db" ]; then
+        say "proj: $system_proj/proj.db not found (is proj-data installed?); pyproj may warn"
+        return
+    fi
+    if [ -f "$link/proj.db" ]; then
+        say "proj: ${link#"$ROOT"/} ok"
+        return
+    fi
+    CHANGED=1
+    mkdir -p "$VENV/share"
+    ln -sfn "$system_proj" "$link"
+    say "proj: linked ${link#"$ROOT"/} -> $system_proj"
+}
+
+# ---------------------------------------------------------------------------------------------
 # 3. Python packages (pip), skipped when requirements + constraints are unchanged
 # ---------------------------------------------------------------------------------------------
 write_constraints() {
@@ -248,6 +271,7 @@ PYEOF
 
 setup_apt
 setup_venv
+setup_proj_data
 setup_pip
 setup_weights
 

@@ -28,7 +28,7 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from ..raster import RasterInfo, ground_resolution, open_raster
+from ..raster import RasterInfo, dataset_mask, ground_resolution, open_raster
 from ..reader import FILL_RGB, Stretch, compute_stretch
 from ..synth import _PHOTO_RANGES, SyntheticView, ViewSpec, render_view
 from .common import ImageRecord
@@ -105,7 +105,7 @@ def _side(n_px: float, centre: float) -> int:
 def _valid(ds: rasterio.io.DatasetReader, info: RasterInfo, win: Window, shape: tuple[int, int],
            raw: np.ndarray | None = None) -> np.ndarray:
     if info.has_mask:
-        return ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.nearest) > 0
+        return dataset_mask(ds, window=win, out_shape=shape, resampling=Resampling.nearest) > 0
     if raw is None:
         raw = ds.read(list(dict.fromkeys(info.rgb_bands)), window=win, out_shape=(len(set(info.rgb_bands)), *shape),
                       resampling=Resampling.nearest)

@@ -141,6 +141,25 @@ def test_locate_prints_json_and_writes_outputs(work: dict[str, Path]) -> None:
     assert len(gj["features"]) == 3
 
 
+def test_a_minimal_environment_prints_nothing_on_stderr(work: dict[str, Path], tmp_path: Path) -> None:
+    """As `env -i` on a fresh machine: no `proj` executable, no PROJ_DATA, no HOME settings.
+
+    pyproj inside a venv finds PROJ's data only through the venv (setup links it); a machine with
+    Debian's proj-bin hid the missing link, and every command warned on stderr.
+    """
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = {"PATH": str(empty_bin), "HOME": str(tmp_path / "home"), "CDIKT_CACHE_DIR": str(work["cache"]),
+           "GDAL_PAM_ENABLED": "NO"}
+    proc = subprocess.run([sys.executable, "-m", "model_backend", "locate", str(work["raster"]), str(work["photo"]),
+                           "--out", str(tmp_path / "out"), "--footprint-m", str(FOOTPRINT), "--top-k", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    (line,) = json_lines(proc.stdout)
+    assert line["candidates"] == 2
+
+
 def test_bad_photos_do_not_stop_good_ones(work: dict[str, Path]) -> None:
     out = work["dir"] / "out_mixed"
     missing = work["dir"] / "missing.jpg"

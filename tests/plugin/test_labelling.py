@@ -134,7 +134,9 @@ def test_labels_persist_across_plugin_unload_and_reload(iface, data_dir: Path, p
     again.unload()
 
     QgsProject.instance().setFileName("")  # an unsaved project keeps its labels in the user data folder
-    assert cdikt_qgis.classFactory(iface) is not None
+    from cdikt_qgis.plugin import CdiktPlugin
+
+    assert isinstance(cdikt_qgis.classFactory(iface), CdiktPlugin)
     from cdikt_qgis.labelling import default_labels_path
 
     assert default_labels_path(QgsProject.instance(), str(data_dir)).parent == data_dir / "labels"

@@ -83,20 +83,25 @@ def test_broken_start_still_loads_and_shows_the_error(iface) -> None:
 
 
 def test_site_packages_candidates_follow_settings_then_env(iface, monkeypatch, tmp_path) -> None:
-    import cdikt_qgis
+    from cdikt_qgis import bootstrap
     from cdikt_qgis.settings import CdiktSettings
 
     configured, env = tmp_path / "configured", tmp_path / "env"
     CdiktSettings().python_site_packages = str(configured)
     monkeypatch.setenv("CDIKT_SITE_PACKAGES", str(env))
-    found = cdikt_qgis._site_packages_candidates()
+    found = bootstrap.site_packages_candidates()
     assert found[:2] == [str(configured), str(env)]
     # dev layout: the repo's own venv comes after the explicit choices
     assert any(p.endswith("site-packages") and "/.venv/" in p for p in found[2:])
 
 
 def test_dev_install_layout_finds_engine_and_venv_torch_from_qgis_python(tmp_path) -> None:
-    """As after `make install`: QGIS's own Python (no torch), the plugin reached through links."""
+    """As after `make install`: QGIS's own Python (no torch), the plugin reached through links.
+
+    Only `model_backend` may become a new top-level name: the plugin folder on sys.path once hid
+    QGIS's own `processing` (and exposed `settings`, `log`, `tasks`... to every other plugin).
+    """
+    import json
     import subprocess
     from pathlib import Path
 
@@ -108,30 +113,36 @@ def test_dev_install_layout_finds_engine_and_venv_torch_from_qgis_python(tmp_pat
     system_python = Path("/usr/bin/python3")
     if not venv_sp or not system_python.exists():
         pytest.skip("needs the repo's .venv and the system Python QGIS uses")
-    stage = tmp_path / "build" / "cdikt_qgis"  # what `make dev-stage` builds: one link per file
-    stage.mkdir(parents=True)
-    for item in [*(ROOT / "cdikt_qgis").iterdir(), ROOT / "model_backend", ROOT / "resources"]:
-        if item.name != "__pycache__":
-            (stage / item.name).symlink_to(item)
+    from ..plugin_install import make_install
+
     plugins = tmp_path / "profile" / "python" / "plugins"
-    plugins.mkdir(parents=True)
-    (plugins / "cdikt_qgis").symlink_to(stage)
+    make_install(plugins)
+    ours = sorted(p.stem for p in (ROOT / "cdikt_qgis").iterdir() if p.name != "__pycache__")
     script = f"""
-import importlib.util, os, sys
+import importlib.util, json, os, sys
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
 sys.path = [p for p in sys.path if os.path.realpath(p) != {str(ROOT)!r}]
 sys.path.insert(0, {str(plugins)!r})
+sys.path.append("/usr/share/qgis/python/plugins")  # where QGIS keeps processing, grassprovider...
 from qgis.core import QgsApplication
 QgsApplication.setPrefixPath("/usr", True)
 app = QgsApplication([], False); app.initQgis()
 assert importlib.util.find_spec("torch") is None, "system python unexpectedly has torch"
+before = list(sys.path)
 import cdikt_qgis
 plugin = cdikt_qgis.classFactory(None)
-print(type(plugin).__name__)
-print(importlib.util.find_spec("torch") is not None)
 import torchvision  # torch's own deps must resolve from the env, not older Debian copies
 import model_backend.model
-print(os.path.realpath(model_backend.model.__file__))
+print(json.dumps(dict(
+    plugin=type(plugin).__name__, error=getattr(plugin, "error", ""),
+    torch=importlib.util.find_spec("torch") is not None,
+    engine=os.path.realpath(model_backend.model.__file__),
+    resources=str(model_backend.model.resources_dir()),
+    added=[p for p in sys.path if p not in before],
+    processing=importlib.util.find_spec("processing").origin,
+    shadowed=[n for n in {ours!r} if n not in ("processing",) and importlib.util.find_spec(n) is not None],
+    triton_blocked="triton" in sys.modules and sys.modules["triton"] is None,
+)))
 app.exitQgis()
 """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CDIKT_SITE_PACKAGES")}
@@ -139,6 +150,32 @@ app.exitQgis()
     out = subprocess.run([str(system_python), "-c", script], capture_output=True, text=True, env=env,
                          cwd=str(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr
-    name, torch_found, engine = out.stdout.split()
-    assert name == "CdiktPlugin" and torch_found == "True"
-    assert engine == str(ROOT / "model_backend" / "model.py")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["plugin"] == "CdiktPlugin", got["error"]
+    assert got["torch"] is True
+    assert got["engine"] == str(ROOT / "model_backend" / "model.py")
+    assert got["resources"] == str(ROOT / "resources")
+    libs = str(plugins / "cdikt_qgis" / "libs")
+    assert got["added"][0] == libs and sorted(os.listdir(libs)) == ["model_backend"]
+    assert all(p == libs or "/.venv/" in p for p in got["added"]), got["added"]
+    assert got["processing"].startswith("/usr/share/qgis/python/plugins/processing/"), got["processing"]
+    assert got["shadowed"] == []
+    assert got["triton_blocked"] is True
+
+
+def test_block_triton_keeps_find_spec_honest() -> None:
+    """torch asks importlib.util.find_spec("triton") at CUDA init: it must answer None, not raise."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys; from cdikt_qgis import bootstrap; assert bootstrap.block_triton(); "
+            "assert importlib.util.find_spec('triton') is None\n"
+            "try:\n    import triton\nexcept ImportError:\n    print('blocked')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "CDIKT_ALLOW_TRITON": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "blocked"
+    check = "from cdikt_qgis import bootstrap; print(bootstrap.block_triton())"
+    opt_out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "CDIKT_ALLOW_TRITON": "1"})
+    assert opt_out.stdout.strip() == "False", opt_out.stderr

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from .qgis_helpers import DATA, ROOT, naip_adapt_case
+from .qgis_helpers import DATA, naip_adapt_case
 
 RASTER = DATA / "manila_oam_0.10m.tif"
 FOOTPRINT = 40.0
@@ -307,17 +307,10 @@ def _qgis_process() -> str | None:
 
 
 def _plugins_folder(root: Path) -> Path:
-    """A plugins folder as `make install` lays it out: cdikt_qgis/ of links into the checkout + metadata.txt.
+    """A plugins folder holding the plugin exactly as `make install` lays it out."""
+    from ..plugin_install import make_install
 
-    Linking the package folder alone is not enough: QGIS only lists plugin folders holding metadata.txt,
-    which lives at the repository root.
-    """
-    folder = root / "plugins" / "cdikt_qgis"
-    folder.mkdir(parents=True)
-    for entry in [*(ROOT / "cdikt_qgis").iterdir(), ROOT / "metadata.txt"]:
-        if entry.name != "__pycache__":
-            (folder / entry.name).symlink_to(entry)
-    return folder.parent
+    return make_install(root / "plugins").parent
 
 
 @pytest.mark.skipif(_qgis_process() is None, reason="qgis_process is not installed")
