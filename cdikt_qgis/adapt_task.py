@@ -15,16 +15,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog
+from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import QObject
+from qgis.PyQt.QtWidgets import QMessageBox
 
 from .engine_task import EngineTask
-from .settings import CdiktSettings, engine_default_data_dir, model_choices, rollback, set_active_model
+from .notify import Notifier
+from .settings import (
+    CdiktSettings,
+    engine_default_data_dir,
+    model_choices,
+    rollback,
+    rollback_target,
+    set_active_model,
+)
 from .tasks import LayerError, RasterSource, capture_raster
 
 log = logging.getLogger(__name__)
 TITLE = "CDIKT"
 CPU_NOTE = "On CPU only the network's last stage is adapted (a few minutes); the rest stays as it was."
+MIN_PAIRS = 2
+RECOMMENDED_PAIRS = 10
+"""Adaptation needs 2 labelled pairs (one to train, one to check); the measured gains used 10 (docs/adapt.md)."""
+
+
+def count_pairs(labels: Path) -> int:
+    """Labelled pairs in the labels file (torch-free: the engine's label reader)."""
+    from model_backend.labels import read_labels
+
+    return len(read_labels(labels).labels)
+
+
+def ask_to_adapt_with_few_pairs(parent, n: int) -> bool:
+    """The analyst decides whether a few pairs are worth a few minutes of adapting."""
+    answer = QMessageBox.question(
+        parent, "Adapt model",
+        f"There are {n} labelled pairs. {RECOMMENDED_PAIRS} or more are recommended: with fewer, the held-out "
+        f"check is noisy and the adapted model may not be better.\n\nAdapt with these {n} pairs anyway?",
+        QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+    return answer == QMessageBox.Yes
 
 
 @dataclass(frozen=True)
@@ -64,15 +93,18 @@ class AdaptController(QObject):
     """Connects the dock's ModelPanel to adaptation, the model picker and rollback."""
 
     def __init__(self, iface, panel, settings: CdiktSettings | None = None,
-                 raster: Callable[[], Any] | None = None, labels_path: Callable[[], Path] | None = None) -> None:
+                 raster: Callable[[], Any] | None = None, labels_path: Callable[[], Path] | None = None,
+                 confirm_few_pairs: Callable[[int], bool] | None = None) -> None:
         super().__init__(panel)
         self.iface = iface
         self.panel = panel
         self.settings = settings or CdiktSettings()
         self.raster = raster or (lambda: None)
         self.labels_path = labels_path
+        self.confirm_few_pairs = confirm_few_pairs or (lambda n: ask_to_adapt_with_few_pairs(panel, n))
         self.task: AdaptTask | None = None
         self._closed = False
+        self.notifier = Notifier(iface, TITLE)
         panel.adapt_requested.connect(self.adapt)
         panel.cancel_adapt_requested.connect(self.cancel)
         panel.rollback_requested.connect(self.rollback)
@@ -81,15 +113,23 @@ class AdaptController(QObject):
         panel.set_status(CPU_NOTE)
 
     def _push(self, text: str, level: Qgis.MessageLevel = Qgis.Warning, duration: int = 10) -> None:
-        if self.iface is not None:
-            self.iface.messageBar().pushMessage(TITLE, text, level, duration)
-        QgsMessageLog.logMessage(text, TITLE, level)
+        self.notifier.push(text, level, duration)
 
     def refresh_models(self) -> None:
         self.panel.set_models(model_choices(self.settings), self.settings.weights_path)
+        self._update_rollback()
+
+    def _update_rollback(self) -> None:
+        """Roll back only when the active model is an adapted version (the embedded default has no parent)."""
+        try:
+            possible = rollback_target(self.settings)[0]
+        except Exception:  # an unreadable registry: the button stays off, adapting will report the problem
+            possible = False
+        self.panel.rollback_button.setEnabled(possible and self.task is None)
 
     def choose(self, path: str | None) -> None:
         set_active_model(self.settings, path)
+        self._update_rollback()
         self.panel.set_status(f"Active model: {Path(path).name if path else 'embedded default'}.")
 
     def rollback(self) -> str | None:
@@ -116,6 +156,18 @@ class AdaptController(QObject):
         if labels is None or not labels.is_file():
             self._push("No labelled pairs yet: use Label pairs… (or This candidate is right) first.")
             return None
+        try:
+            n = count_pairs(labels)
+        except (OSError, ValueError) as exc:
+            self._push(f"The labelled pairs cannot be read: {exc}")
+            return None
+        if n < MIN_PAIRS:
+            self._push(f"{n} labelled pair{'s' if n != 1 else ''}: adapting needs at least {MIN_PAIRS} "
+                       f"({RECOMMENDED_PAIRS} or more recommended); label more with Label pairs….")
+            return None
+        if n < RECOMMENDED_PAIRS and not self.confirm_few_pairs(n):
+            self.panel.set_status(f"Not adapted: {n} labelled pairs; {RECOMMENDED_PAIRS} or more are recommended.")
+            return None
         from model_backend.model_versions import ModelRegistry
 
         data_dir = engine_default_data_dir()
@@ -126,7 +178,7 @@ class AdaptController(QObject):
         task.progressed.connect(self.panel.set_progress)
         self.task = task
         self.panel.set_running(True)
-        self.panel.set_status("Adapting… " + CPU_NOTE)
+        self.panel.set_status(f"Adapting on {n} labelled pairs… " + CPU_NOTE)
         QgsApplication.taskManager().addTask(task)
         return task
 
@@ -140,6 +192,7 @@ class AdaptController(QObject):
         if self._closed:
             return
         self.panel.set_running(False)
+        self._update_rollback()
         if task.outcome == AdaptTask.OK:
             res = task.result
             before, after = res.before, res.after
@@ -162,7 +215,7 @@ class AdaptController(QObject):
             self.panel.set_status(task.message)
             self._push(task.message, Qgis.Critical if task.outcome == AdaptTask.BUG else Qgis.Warning, 0)
             if task.details:
-                QgsMessageLog.logMessage(task.details, TITLE, Qgis.Critical)
+                self.notifier.details(task.details)
 
     def shutdown(self) -> None:
         self._closed = True

@@ -83,6 +83,9 @@ def block_triton() -> bool:
     # A None entry: `import triton` raises ImportError and importlib.util.find_spec returns None,
     # which is what torch checks before it would use triton (torch.cuda, dynamo, inductor).
     sys.modules["triton"] = None  # type: ignore[assignment]
+    # CUDA builds of torch then warn on stderr that flop counting cannot see triton kernels: true,
+    # expected, and of no use to an analyst.
+    logging.getLogger("torch.utils.flop_counter").setLevel(logging.ERROR)
     return True
 
 

@@ -8,24 +8,33 @@ not find how to cancel).
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from pathlib import Path
+from typing import Any
 
 from qgis.core import QgsMapLayer, QgsMapLayerProxyModel
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
-from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
+from qgis.PyQt.QtCore import QSize, Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtGui import QImageReader, QPixmap
 from qgis.PyQt.QtWidgets import (
+    QAbstractItemView,
     QCheckBox,
     QDockWidget,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -37,6 +46,11 @@ from .tasks import LocateParams
 PHOTO_FILTER = "Images (*.jpg *.jpeg *.JPG *.JPEG *.png *.PNG *.tif *.tiff *.TIF *.TIFF);;All files (*)"
 THUMB = QSize(280, 180)
 _PLACEHOLDER_STYLE = "QLabel { color: palette(mid); border: 1px dashed palette(mid); }"
+FOOTPRINT_SOURCES = {"user": "typed", "exif": "from EXIF", "scale search": "scale search"}
+"""How the engine's footprint_source reads in the dock."""
+HEARTBEAT_MS = 500
+QUIET_S = 1.0
+"""A stage quiet for longer than this shows its elapsed time, so the dock visibly moves every second."""
 
 
 def load_thumbnail(path: str, size: QSize = THUMB) -> QPixmap:
@@ -67,13 +81,22 @@ class LocateDock(ProgressStatus, QDockWidget):
         super().__init__("Locate drone image", parent)
         self.setObjectName("CdiktLocateDock")
         self.settings = settings or CdiktSettings()
+        self._stage = ("", 0.0)  # (message, when it arrived): the heartbeat adds the elapsed time
         self._build()
+        self._heartbeat = QTimer(self)
+        self._heartbeat.setInterval(HEARTBEAT_MS)
+        self._heartbeat.timeout.connect(self._beat)
         self.set_running(False)
         self.set_result_available(False)
 
     # -- construction --------------------------------------------------------------------------
     def _build(self) -> None:
-        body = QWidget(self)
+        # In a scroll area: docked beside the Processing Toolbox the dock is short, and rows must
+        # scroll rather than overlap the thumbnail.
+        scroll = QScrollArea(self)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.NoFrame)
+        body = QWidget(scroll)
         outer = QVBoxLayout(body)
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
@@ -118,6 +141,9 @@ class LocateDock(ProgressStatus, QDockWidget):
         fp_row.addWidget(self.footprint_spin, 1)
         fp_row.addWidget(self.footprint_auto)
         form.addRow("Footprint", fp_row)
+        self.footprint_used = QLabel("", body)
+        self.footprint_used.setToolTip("The footprint the last Locate really used, and where it came from.")
+        form.addRow("Used", self.footprint_used)
 
         self.top_k_spin = QSpinBox(body)
         self.top_k_spin.setRange(1, 50)
@@ -164,6 +190,19 @@ class LocateDock(ProgressStatus, QDockWidget):
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         outer.addWidget(self.status)
 
+        self.candidates_table = QTableWidget(0, 4, body)
+        self.candidates_table.setObjectName("CdiktCandidates")
+        self.candidates_table.setHorizontalHeaderLabels(["#", "Score", "Verified", "From #1"])
+        self.candidates_table.verticalHeader().setVisible(False)
+        self.candidates_table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.candidates_table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.candidates_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.candidates_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.candidates_table.setToolTip("The ranked candidates; select one and use \"This candidate is right\" "
+                                         "below to save it as a labelled pair (it matters most when #1 is wrong).")
+        self.candidates_table.setMinimumHeight(90)
+        outer.addWidget(self.candidates_table)
+
         self.export_button = QPushButton("Export GeoJSON…", body)
         self.export_button.setToolTip("Save the ranked footprints as RFC 7946 GeoJSON (WGS84).")
         self.export_button.clicked.connect(self._ask_export_path)
@@ -171,7 +210,8 @@ class LocateDock(ProgressStatus, QDockWidget):
         self.model_panel = ModelPanel(body)  # model picker, labelling, adapt, roll back (controllers: plugin.py)
         outer.addWidget(self.model_panel)
         outer.addStretch(1)
-        self.setWidget(body)
+        scroll.setWidget(body)
+        self.setWidget(scroll)
 
     # -- inputs --------------------------------------------------------------------------------
     def set_layer(self, layer: QgsMapLayer | None) -> None:
@@ -209,18 +249,88 @@ class LocateDock(ProgressStatus, QDockWidget):
     def _emit_locate(self) -> None:
         self.locate_requested.emit(self.params())
 
+    def export_suggestion(self) -> str:
+        """`<photo>.matches.geojson` in the folder the analyst last exported to (else their home)."""
+        folder = self.settings.export_dir or str(Path.home())
+        stem = Path(self._result_photo or self.photo_path() or "candidates").stem
+        return str(Path(folder) / f"{stem}.matches.geojson")
+
     def _ask_export_path(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export candidates", "", "GeoJSON (*.geojson)")
+        path, _ = QFileDialog.getSaveFileName(self, "Export candidates", self.export_suggestion(),
+                                              "GeoJSON (*.geojson)")
         if path:
+            self.settings.export_dir = str(Path(path).parent)
             self.export_requested.emit(path)
+
+    # -- results ---------------------------------------------------------------------------------
+    _result_photo = ""
+
+    def show_result(self, result: Any) -> None:
+        """The footprint used and the ranked candidates of a finished Locate."""
+        self._result_photo = str(getattr(result, "photo", "") or "")
+        fp = getattr(result, "footprint_m", None)
+        source = FOOTPRINT_SOURCES.get(getattr(result, "footprint_source", ""), "")
+        self.footprint_used.setText(f"{fp:g} m ({source})" if fp and source else (f"{fp:g} m" if fp else ""))
+        cands = list(getattr(result, "candidates", []) or [])
+        table = self.candidates_table
+        table.setRowCount(len(cands))
+        for row, c in enumerate(cands):
+            verified = getattr(c, "verified", None)
+            cells = [f"{c.rank}", f"{c.score:.3f}", "✓" if verified else ("✗" if verified is False else "–"),
+                     "—" if row == 0 else f"{_ground_m(cands[0], c):,.0f} m"]
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                item.setData(Qt.UserRole, c.rank)
+                table.setItem(row, col, item)
+        if cands:
+            table.selectRow(0)
+
+    def selected_rank(self) -> int:
+        """The rank of the candidate selected in the table (1 when none is)."""
+        rows = self.candidates_table.selectionModel().selectedRows()
+        if not rows:
+            return 1
+        item = self.candidates_table.item(rows[0].row(), 0)
+        return int(item.data(Qt.UserRole)) if item is not None else 1
+
+    def clear_result(self) -> None:
+        self.candidates_table.setRowCount(0)
+        self.footprint_used.setText("")
 
     # -- state shown to the user ---------------------------------------------------------------
     def set_running(self, running: bool) -> None:
         self.cancel_button.setEnabled(running)
+        self.locate_button.setEnabled(not running)  # a second click must not silently restart
         if running:
             self.progress.setValue(0)
-            self.status.setText("Starting…")
+            self.set_status("Starting…")
+            self._heartbeat.start()
+        else:
+            self._heartbeat.stop()
+
+    def set_progress(self, fraction: float, message: str = "") -> None:
+        if message and message != self._stage[0]:
+            self._stage = (message, time.monotonic())
+        super().set_progress(fraction, message)
+
+    def set_status(self, text: str) -> None:
+        self._stage = (text, time.monotonic())
+        super().set_status(text)
+
+    def _beat(self) -> None:
+        """A long stage (loading the model, a big chunk of tiles) shows its elapsed seconds."""
+        message, since = self._stage
+        quiet = time.monotonic() - since
+        if message and quiet >= QUIET_S:
+            self.status.setText(f"{message} ({quiet:.0f} s)")
 
     def set_result_available(self, available: bool) -> None:
         self.export_button.setEnabled(available)
         self.model_panel.accept_button.setEnabled(available)
+
+
+def _ground_m(a: Any, b: Any) -> float:
+    """Great-circle metres between two candidates' centres (their lon/lat are WGS84 whatever the raster's CRS)."""
+    p1, p2 = math.radians(a.lat), math.radians(b.lat)
+    h = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(b.lon - a.lon) / 2) ** 2
+    return 2 * 6_371_008.8 * math.asin(min(1.0, math.sqrt(h)))

@@ -75,8 +75,7 @@ class EngineTask(QgsTask):
         try:
             self.result = self.work()
         except Cancelled as exc:
-            self.outcome, self.message = self.CANCELLED, str(exc) or self.cancelled_message
-            return False
+            return self._cancelled(str(exc))
         except CdiktError as exc:
             text = str(exc).strip()
             self.outcome, self.message = self.USER, text.splitlines()[0] if text else type(exc).__name__
@@ -88,10 +87,20 @@ class EngineTask(QgsTask):
             self.details = traceback.format_exc()
             return False
         if self.late_cancel_discards and self.isCanceled():
-            self.outcome, self.message = self.CANCELLED, self.cancelled_message
-            return False
+            return self._cancelled()
         self.outcome = self.OK
         self.message = self.done_message()
+        return True
+
+    def _cancelled(self, text: str = "") -> bool:
+        """A cancel the user asked for is a clean end, not a failure.
+
+        Returning False would make QGIS announce "Task failed" in its message bar (it does so for
+        any terminated task that ran a few seconds while its window was not in front); the
+        description says it was cancelled instead.
+        """
+        self.outcome, self.message = self.CANCELLED, text or self.cancelled_message
+        self.setDescription(f"{self.description()} (cancelled)")
         return True
 
     def _fail_import(self, exc: ImportError) -> bool:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgis.core import (
+    QgsBasicNumericFormat,
+    QgsColorRampLegendNodeSettings,
     QgsColorRampShader,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -22,18 +24,19 @@ from qgis.core import (
     QgsGradientColorRamp,
     QgsGradientStop,
     QgsLayerTreeGroup,
+    QgsLayerTreeNode,
     QgsPalLayerSettings,
     QgsProject,
     QgsRasterBandStats,
     QgsRasterLayer,
     QgsRasterShader,
     QgsRectangle,
+    QgsRuleBasedLabeling,
     QgsRuleBasedRenderer,
     QgsSingleBandPseudoColorRenderer,
     QgsTextBufferSettings,
     QgsTextFormat,
     QgsVectorLayer,
-    QgsVectorLayerSimpleLabeling,
 )
 from qgis.PyQt.QtGui import QColor
 
@@ -42,6 +45,13 @@ if TYPE_CHECKING:
 
 GEOJSON_PROPERTY = "cdikt/geojson_path"
 """Custom layer property: the engine's RFC 7946 GeoJSON behind a candidates layer."""
+
+RESULT_GROUP_PROPERTY = "cdikt/result_photo"
+"""Custom group property: marks a layer-tree group as a CDIKT result (value: the photo's path),
+so hiding earlier results never touches the analyst's own groups."""
+
+BEST_LABEL_PRIORITY = 10
+"""QGIS label priority runs 0 (lowest) to 10 (highest); rank 1 gets the top, the rest the default 5."""
 
 HEATMAP_OPACITY = 0.6
 
@@ -70,12 +80,22 @@ def score_range(layer: QgsRasterLayer) -> tuple[float, float]:
     return lo, hi
 
 
+def legend_decimals(lo: float, hi: float, steps: int = len(_VIRIDIS) - 1) -> int:
+    """2 decimals, or 3 when the legend's ``steps`` classes of a tight range would repeat 2-decimal labels.
+
+    Cosine similarities of one search often differ only in the third decimal; more than 3 is
+    noise to an analyst (QGIS's default legend format prints 6).
+    """
+    return 2 if (hi - lo) / max(steps, 1) >= 0.01 - 1e-12 else 3
+
+
 def style_heatmap(layer: QgsRasterLayer,
                   opacity: float = HEATMAP_OPACITY) -> QgsSingleBandPseudoColorRenderer:
     """Pseudocolour the similarity band from its own min..max; nodata stays transparent."""
     provider = layer.dataProvider()
     provider.setUseSourceNoDataValue(1, True)
     lo, hi = score_range(layer)
+    decimals = legend_decimals(lo, hi)
     ramp = _ramp()
     shader_fn = QgsColorRampShader(lo, hi)
     shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
@@ -84,8 +104,17 @@ def style_heatmap(layer: QgsRasterLayer,
     items = []
     for i in range(n):
         value = lo + (hi - lo) * i / (n - 1)
-        items.append(QgsColorRampShader.ColorRampItem(value, ramp.color(i / (n - 1)), f"{value:.3f}"))
+        items.append(QgsColorRampShader.ColorRampItem(value, ramp.color(i / (n - 1)), f"{value:.{decimals}f}"))
     shader_fn.setColorRampItemList(items)
+    # QGIS 3.22 draws an interpolated ramp as one continuous legend bar labelled min..max through
+    # this number format, not through the item labels above (those serve the discrete legend).
+    number_format = QgsBasicNumericFormat()
+    number_format.setNumberDecimalPlaces(decimals)
+    number_format.setShowTrailingZeros(True)
+    legend = QgsColorRampLegendNodeSettings()
+    legend.setUseContinuousLegend(True)
+    legend.setNumericFormat(number_format)
+    shader_fn.setLegendSettings(legend)
     shader = QgsRasterShader(lo, hi)
     shader.setRasterShaderFunction(shader_fn)
     renderer = QgsSingleBandPseudoColorRenderer(provider, 1, shader)
@@ -153,7 +182,19 @@ def style_candidates(layer: QgsVectorLayer) -> None:
     pal.isExpression = True
     pal.setFormat(text)
     pal.placement = QgsPalLayerSettings.OverPoint
-    layer.setLabeling(QgsVectorLayerSimpleLabeling(pal))
+    root_rule = QgsRuleBasedLabeling.Rule(None)
+    if has_rank:
+        # The best match's label must never lose a collision (against the other candidates or any
+        # other layer's labels): it is the answer. The others keep normal collision handling.
+        best = QgsPalLayerSettings(pal)
+        best.displayAll = True
+        best.priority = BEST_LABEL_PRIORITY
+        best.zIndex = 1.0  # drawn above overlapping labels
+        root_rule.appendChild(QgsRuleBasedLabeling.Rule(best, 0, 0, '"rank" = 1', "Best match"))
+        root_rule.appendChild(QgsRuleBasedLabeling.Rule(pal, 0, 0, "ELSE", "Other candidates", True))
+    else:
+        root_rule.appendChild(QgsRuleBasedLabeling.Rule(pal, 0, 0, "", "Candidates"))
+    layer.setLabeling(QgsRuleBasedLabeling(root_rule))
     layer.setLabelsEnabled(True)
     layer.triggerRepaint()
 
@@ -183,14 +224,36 @@ def candidates_layer(path: str, name: str = "Candidates", geojson_path: str | No
     return layer
 
 
+def result_groups(node: QgsLayerTreeNode) -> list[QgsLayerTreeGroup]:
+    """Every CDIKT result group under ``node``, at any depth (an analyst may have moved them)."""
+    found = []
+    for child in node.children():
+        if isinstance(child, QgsLayerTreeGroup):
+            if child.customProperty(RESULT_GROUP_PROPERTY):
+                found.append(child)
+            found.extend(result_groups(child))
+    return found
+
+
 def add_result_layers(result: Any, project: QgsProject | None = None,
                       canvas: QgsMapCanvas | None = None) -> QgsLayerTreeGroup:
-    """Add a LocateResult's heatmap and candidates in a group named after the photo; zoom to rank 1."""
+    """Add a LocateResult's heatmap and candidates in a group named after the photo; zoom to rank 1.
+
+    Earlier results are hidden and collapsed, not removed: two photos' candidates drawn at once
+    read as one confusing set (and their labels crowd out the new #1), yet an analyst may still
+    want to tick an old result back on to compare.
+    """
     project = project or QgsProject.instance()
     heat = heatmap_layer(result.heatmap_path, "Similarity")
     cands = candidates_layer(result.gpkg_path, "Candidates", result.geojson_path)
     root = project.layerTreeRoot()
+    for old in result_groups(root):
+        old.setItemVisibilityChecked(False)
+        old.setExpanded(False)
     group = root.insertGroup(0, Path(result.photo).name)
+    group.setCustomProperty(RESULT_GROUP_PROPERTY, str(result.photo))
+    group.setItemVisibilityChecked(True)
+    group.setExpanded(True)
     layers = [cands, heat]  # candidates above the heatmap
     draped = (getattr(result, "extra", None) or {}).get("draped")
     if draped:  # the photo itself on the map, through its verified homography

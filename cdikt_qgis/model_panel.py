@@ -54,7 +54,8 @@ class ModelPanel(ProgressStatus, QGroupBox):
         self.label_button.setToolTip("Mark on the map where a few photos were taken (for Adapt model).")
         self.label_button.clicked.connect(self.label_pairs_requested)
         self.accept_button = QPushButton("This candidate is right", self)
-        self.accept_button.setToolTip("Save the located photo with its #1 candidate as a labelled pair.")
+        self.accept_button.setToolTip("Save the located photo with the candidate selected in the list above "
+                                      "as a labelled pair.")
         self.accept_button.clicked.connect(self.accept_candidate_requested)
         self.accept_button.setEnabled(False)
         grid.addWidget(self.label_button, 1, 0)

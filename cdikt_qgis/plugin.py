@@ -12,13 +12,14 @@ import os
 import time
 from pathlib import Path
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsProject
+from qgis.core import Qgis, QgsApplication, QgsProject
 from qgis.PyQt.QtCore import QObject, Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
 from . import log as cdikt_log
 from .layers import add_result_layers, export_candidates
+from .notify import Notifier
 from .settings import CdiktSettings
 from .tasks import LayerError, LocateParams, LocateTask, capture_raster
 
@@ -48,21 +49,25 @@ class LocateController(QObject):
         self.task: LocateTask | None = None
         self.last_result = None
         self._closed = False
+        self.notifier = Notifier(iface, TITLE)
         dock.locate_requested.connect(self.locate)
         dock.cancel_requested.connect(self.cancel)
         dock.export_requested.connect(self.export)
 
     # -- messages ------------------------------------------------------------------------------
     def _push(self, text: str, level: Qgis.MessageLevel, duration: int = 8) -> None:
-        if self.iface is not None:
-            self.iface.messageBar().pushMessage(TITLE, text, level, duration)
-        QgsMessageLog.logMessage(text, TITLE, level)
+        self.notifier.push(text, level, duration)
 
     # -- actions -------------------------------------------------------------------------------
     def locate(self, params: LocateParams) -> LocateTask | None:
-        """Validate on the main thread, capture the layer, and queue a LocateTask."""
+        """Validate on the main thread, capture the layer, and queue a LocateTask.
+
+        The dock's Locate button is disabled while a task runs; a script calling this directly
+        supersedes the running request (its result is then ignored).
+        """
         if self._closed:
             return None
+        self.notifier.clear()  # messages about the previous request are stale now
         try:
             source = capture_raster(params.layer)
         except LayerError as exc:
@@ -153,19 +158,18 @@ class LocateController(QObject):
         elif task.outcome == LocateTask.CANCELLED:
             self.dock.set_progress(0.0)
             self.dock.set_status("Cancelled")
-            self._push(task.message or "Cancelled.", Qgis.Info, 4)
         elif task.outcome == LocateTask.USER:
             self.dock.set_status(task.message)
             self._push(task.message, Qgis.Warning)
         elif task.outcome == LocateTask.NO_TORCH:
             self.dock.set_status("PyTorch is missing; see the message bar.")
             self._push(task.message, Qgis.Critical, 0)
-            QgsMessageLog.logMessage(task.details, TITLE, Qgis.Critical)
+            self.notifier.details(task.details)
         else:
             self.dock.set_status(f"Failed: {task.message}")
             text = f"Unexpected error: {task.message} (full traceback in the CDIKT log)."
             self._push(text, Qgis.Critical, 0)
-            QgsMessageLog.logMessage(task.details or task.message, TITLE, Qgis.Critical)
+            self.notifier.details(task.details or task.message)
 
     def _show(self, task: LocateTask) -> None:
         result = task.result
@@ -177,6 +181,7 @@ class LocateController(QObject):
             self._push(str(exc), Qgis.Critical)
             return
         self.last_result = result
+        self.dock.show_result(result)
         self.dock.set_result_available(True)
         self.dock.set_progress(1.0)
         best = result.candidates[0] if result.candidates else None
@@ -187,7 +192,8 @@ class LocateController(QObject):
                       f"heading {best.heading_deg:.0f}°, {100 * best.gsd_m:.1f} cm/px)")
         elif best is not None and getattr(best, "verified", None) is False:
             where += "; not verified: showing the best tile"
-        self.dock.set_status(f"{len(result.candidates)} candidates, {where}; {task.message}.")
+        used = f"footprint {result.footprint_m:g} m ({result.footprint_source})" if result.footprint_m else ""
+        self.dock.set_status(f"{len(result.candidates)} candidates, {where}; {used}; {task.message}.")
         gps = getattr(result, "extra", {}) or {}
         if gps.get("gps_disagrees"):
             self._push(f"The best match is {gps.get('gps_distance_m', 0):.0f} m from the photo's GPS position; "
@@ -269,7 +275,8 @@ class CdiktPlugin:
                                              last_result=lambda: self.controller.last_result if self.controller
                                              else None)
         panel.label_pairs_requested.connect(self.labelling.open_dialog)
-        panel.accept_candidate_requested.connect(self.labelling.accept)
+        # the candidate selected in the dock's table, not only #1: a label matters most when #1 is wrong
+        panel.accept_candidate_requested.connect(lambda: self.labelling.accept(self.dock.selected_rank()))
         self.adapt_controller = AdaptController(self.iface, panel, self.settings,
                                                 raster=self.dock.layer_combo.currentLayer,
                                                 labels_path=self.labelling.labels_path)

@@ -99,6 +99,15 @@ class CdiktSettings:
     def python_site_packages(self, value: str | os.PathLike[str] | None) -> None:
         self._set_str("python_site_packages", value)
 
+    @property
+    def export_dir(self) -> str | None:
+        """The folder the analyst last exported candidates to (the export dialog opens there)."""
+        return self._str("export_dir")
+
+    @export_dir.setter
+    def export_dir(self, value: str | os.PathLike[str] | None) -> None:
+        self._set_str("export_dir", value)
+
     # -- query defaults ----------------------------------------------------------------------
     @property
     def default_footprint_m(self) -> float:

@@ -24,6 +24,11 @@ from .engine_task import _LIVE, EngineTask  # noqa: F401 (_LIVE: the tests and u
 log = logging.getLogger(__name__)
 
 
+PROVIDER_KINDS = {"wms": "web layer (WMS/WMTS/XYZ)", "wcs": "web layer (WCS)", "arcgismapserver": "web layer (ArcGIS)",
+                  "postgresraster": "database layer (PostGIS)"}
+"""What a raster provider is, in words, for the one-line refusal (short: it must fit the message bar)."""
+
+
 class LayerError(ValueError):
     """The chosen layer cannot be handed to the engine; the message is for the user."""
 
@@ -62,10 +67,8 @@ def capture_raster(layer: QgsMapLayer | None) -> RasterSource:
         raise LayerError(f"Layer '{layer.name()}' is not valid (missing file?).")
     provider = layer.providerType()
     if provider != "gdal":
-        raise LayerError(
-            f"'{layer.name()}' is a {provider} layer (web or database), not a file. Save it as a GeoTIFF "
-            "first (right-click > Export > Save As…) and locate in that."
-        )
+        kind = PROVIDER_KINDS.get(provider, f"{provider} layer")
+        raise LayerError(f"'{layer.name()}' is a {kind}, not a file: save it as a GeoTIFF (Export > Save As…).")
     uri = layer.dataProvider().dataSourceUri() or layer.source()
     parts = QgsProviderRegistry.instance().decodeUri("gdal", uri)
     path = parts.get("path") or uri

@@ -7,6 +7,10 @@ padding it added). Cells no kept tile covers (under skipped nodata tiles, or uns
 nodata, never zero, so "no data" cannot be read as "poor match" and a mean never divides by
 zero. The heatmap ends where the last whole tile ends, so a strip narrower than one step at
 the raster's right and bottom edges lies outside it.
+
+A kept tile may still reach over the raster's own nodata (an orthomosaic's ragged border): the
+cells of such a tile that lie mostly on nodata are nodata too when the raster is given, so the
+heatmap never paints colour over an area that has no imagery to match.
 """
 
 from __future__ import annotations
@@ -16,13 +20,23 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.crs import CRS as RioCRS
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.windows import Window
 
 from .export import atomic_path
+from .raster import dataset_mask
 from .tiling import TileGrid
 
 NODATA = -9999.0
 """Nodata of the written GeoTIFF: outside cosine similarity's [-1, 1] and safe in every GIS
 (NaN as nodata still trips some tools' equality tests)."""
+
+BAND_NAME = "match score"
+"""Band description of the heatmap: QGIS shows it in the legend and the identify panel, where a
+longer phrase is cut off (the full definition is in this module's docstring)."""
+
+MIN_VALID_SHARE = 0.5
+"""A cell keeps its score only if at least this share of its area is valid raster data."""
 
 _TILE_ABOVE = 512
 """Write internal 256 x 256 blocks once a side exceeds this; smaller heatmaps stay striped."""
@@ -89,7 +103,30 @@ def _box_spread(tiles: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> str:
+def valid_cells(raster_path: str, grid: TileGrid) -> np.ndarray:
+    """Share of each heatmap cell's area that is valid data in the raster, shape (cell_rows, cell_cols).
+
+    The raster's dataset mask (nodata, alpha or mask band, whatever GDAL honours) is read once,
+    averaged straight down to the heatmap's grid by GDAL, so a mosaic of any size costs one
+    decimated read and never a full-resolution mask in memory. A raster without any mask is all
+    valid and is not read at all.
+    """
+    shape = (grid.cell_rows, grid.cell_cols)
+    with rasterio.open(raster_path) as ds:
+        if (ds.width, ds.height) != (grid.raster_width, grid.raster_height):
+            raise ValueError(f"{raster_path} is {ds.width} x {ds.height} pixels but the tile grid was laid over "
+                             f"{grid.raster_width} x {grid.raster_height}: not the searched raster")
+        if all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums):
+            return np.ones(shape, dtype=np.float32)
+        # The heatmap ends at the last whole tile; float window sizes keep cells exactly on the grid.
+        window = Window(0, 0, min(grid.cell_cols * grid.step_x, ds.width),
+                        min(grid.cell_rows * grid.step_y, ds.height))
+        mask = dataset_mask(ds, window=window, out_shape=shape, resampling=Resampling.average)
+    return mask.astype(np.float32) / 255.0
+
+
+def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray,
+                  raster_path: str | None = None) -> str:
     """Write the heatmap as a single-band Float32 GeoTIFF in the raster's CRS; return the path.
 
     The CRS goes in as the raster's WKT, never via an EPSG code (custom CRSs would be lost or
@@ -97,8 +134,13 @@ def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray,
     raster's origin. The file appears complete or not at all (temp file + rename), so a crash
     or a full disk never leaves QGIS a truncated layer under the final name. Returns the
     absolute path.
+
+    With ``raster_path`` (the searched raster), cells less than half covered by its valid data
+    are nodata: a tile kept for its valid part would otherwise colour the nodata beside it.
     """
     data = heatmap_array(grid, cols, rows, scores, fill=NODATA)
+    if raster_path is not None:
+        data[valid_cells(raster_path, grid) < MIN_VALID_SHARE] = NODATA
     height, width = data.shape
     profile: dict = {
         "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "float32",
@@ -110,7 +152,7 @@ def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray,
     n_kept = int(np.isfinite(np.asarray(scores, dtype=np.float64)).sum())
     with atomic_path(path, sidecars=(".aux.xml",)) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(data, 1)
-        dst.set_band_description(1, "similarity (overlap-averaged cosine)")
+        dst.set_band_description(1, BAND_NAME)
         dst.update_tags(cdikt_kind="similarity_heatmap", cells_per_tile=str(grid.cells_per_tile),
                         footprint_m=f"{grid.footprint_m:g}", tiles=str(n_kept))
     return str(Path(path).absolute())

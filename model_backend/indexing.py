@@ -38,6 +38,25 @@ Batch = tuple[np.ndarray, np.ndarray, torch.Tensor | np.ndarray]
 """(cols, rows, images): images normalised (a tensor for `EmbeddingModel.embed`), or (B, 3, S, S) uint8."""
 Embed = Callable[[np.ndarray], np.ndarray]
 
+PROGRESS_EVERY_S = 0.5
+"""How often a long build reports within a chunk: the plugin promises a visible change every 2 s."""
+
+
+class Ticker:
+    """True at most once per `period` seconds: throttles progress reports to what a person can read."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.period:
+            self._last = now
+            return True
+        return False
+
+
 _DONE = object()
 CHUNK_TILES = 1024
 """Tiles per saved chunk: the most work a crash or cancel can lose, and the unit ranks share (distributed)."""
@@ -182,12 +201,14 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
     if done:
         log.info("Resuming index %s: %d of %d chunks already embedded", folder.name, len(done), writer.n_chunks)
     raw_embed = uint8_embedder(net)
+    ticker = Ticker(PROGRESS_EVERY_S)
     with StripReader(info, grid, net.meta.input_size, stretch) as reader:
         for chunk in mine:
             if chunk in done:
                 continue
             r0, r1 = writer.chunk_rows_range(chunk)
             cols, rows, embs = [], [], []
+            in_chunk = 0
             for c, r, batch in _prefetch(_batches(reader, net, r0, r1, model.batch_size,
                                                   tiling.min_valid_fraction, raw=raw_embed is not None)):
                 if cancel and cancel():
@@ -196,6 +217,12 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
                 embs.append(out.astype(np.float16))
                 cols.append(c)
                 rows.append(r)
+                # Between chunks (which can take tens of seconds on a CPU) the user still sees it move;
+                # tiles skipped as nodata are only counted when their chunk ends.
+                in_chunk += len(c)
+                if progress and ticker.due():
+                    n = min(tiles_done + in_chunk, tiles_total)
+                    progress(n / max(1, tiles_total), f"Embedding tiles {n:,} of {tiles_total:,}")
             if cancel and cancel():
                 raise Cancelled()
             dim = net.meta.dim
@@ -205,7 +232,7 @@ def _build(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: ModelC
                               np.concatenate(embs) if embs else np.zeros((0, dim), np.float16))
             tiles_done += (r1 - r0) * grid.n_cols
             if progress:
-                progress(tiles_done / max(1, tiles_total), f"Embedded {tiles_done:,} of {tiles_total:,} tiles")
+                progress(tiles_done / max(1, tiles_total), f"Embedding tiles {tiles_done:,} of {tiles_total:,}")
     if shard.world > 1:
         from .distributed import gather_parts
 

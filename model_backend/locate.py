@@ -27,6 +27,7 @@ from .model import EmbeddingModel
 from .priors import gps_disagrees, gps_xy, ground_distance, nadir_enough, north_up, restrict_to_radius
 from .query import embed_photo, score_tiles
 from .raster import RasterInfo, open_raster
+from .tiling import MIN_TILE_PX
 from .verify import DEFAULT_VERIFY, VerifyConfig, verify_candidates
 
 __all__ = ["Candidate", "LocateResult", "build_index", "locate_photo", "choose_footprints"]
@@ -80,7 +81,12 @@ def choose_footprints(info: RasterInfo, photo: str, tiling: TilingConfig, query:
         return [exif_fp], "exif"
     limit = 0.95 * min(info.width_m, info.height_m)
     base = min(tiling.footprint_m, limit / max(query.scale_search))
-    return sorted({round(min(base * s, limit), 2) for s in query.scale_search}), "scale search"
+    ladder = sorted({round(min(base * s, limit), 2) for s in query.scale_search})
+    # A coarse raster cannot hold the ladder's small end (a 36 m tile is 7 pixels at 5 m): search the
+    # sizes it can hold; when none can, the user's size stays and make_grid says why.
+    smallest = MIN_TILE_PX * max(info.gsd_x_m, info.gsd_y_m)
+    usable = [fp for fp in ladder if fp >= smallest]
+    return (usable or [tiling.footprint_m]), "scale search"
 
 
 def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
@@ -97,6 +103,8 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     t0 = time.perf_counter()
     info = open_raster(raster)
     image = load_photo(photo)
+    if embedder is None and progress:
+        progress(0.0, "Loading model…")
     net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads)
     footprints, source = choose_footprints(info, photo, tiling, query)
     out = _prepare_out_dir(out_dir)
@@ -106,15 +114,19 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     if prior_radius_m and gps is None:
         log.warning("%s has no GPS position; searching the whole raster.", Path(photo).name)
     do_verify = nadir_enough(priors) if verify is None else verify
+    if progress:
+        progress(0.02, "Embedding the photo" + ("" if priors.yaw_deg is not None else
+                                                 f" at {query.rotations} headings"))
     if priors.yaw_deg is not None:  # heading known: one north-up query instead of the rotation search
         q = embed_photo(net, north_up(image, priors.yaw_deg), 1)
     else:
         q = embed_photo(net, image, query.rotations)
     best: tuple[float, TileIndex, np.ndarray] | None = None
     for i, fp in enumerate(footprints):
-        def sub(f: float, msg: str, i: int = i) -> None:
-            if progress:
-                progress((i + 0.9 * f) / len(footprints), msg)
+        def sub(f: float, msg: str, i: int = i, fp: float = fp) -> None:
+            if progress:  # with several sizes (scale search) say which one is being searched
+                label = f"Footprint {fp:g} m ({i + 1} of {len(footprints)}): " if len(footprints) > 1 else ""
+                progress(0.03 + 0.87 * (i + f) / len(footprints), label + msg)
 
         idx = build_index(raster, replace(tiling, footprint_m=fp), model, cache_dir=cache_dir,
                           progress=sub, cancel=cancel, embedder=net)
@@ -149,7 +161,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
         dist = ground_distance(info.crs_wkt, *gps, cands[0].x, cands[0].y)
         extra.update(gps_distance_m=round(dist, 1), gps_disagrees=gps_disagrees(dist, fp))
         props["gps_disagrees"] = extra["gps_disagrees"]
-    heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), idx.grid, idx.cols, idx.rows, scores)
+    heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), idx.grid, idx.cols, idx.rows, scores, raster_path=info.path)
     gj = write_geojson(str(out / f"{stem}.matches.geojson"), cands, info.crs_wkt, props)
     gp = write_gpkg(str(out / f"{stem}.matches.gpkg"), cands, info.crs_wkt, props)
     if cands and cands[0].verified and cands[0].image_to_crs is not None:

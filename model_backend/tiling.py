@@ -98,6 +98,10 @@ def cells_per_tile(stride: float) -> int:
     return k
 
 
+MIN_TILE_PX = 8
+"""Fewer raster pixels across a tile than this and the tile holds nothing to match."""
+
+
 def make_grid(info: RasterInfo, cfg: TilingConfig) -> TileGrid:
     """Lay the grid, refusing impossible or absurd jobs before any pixel is read."""
     if not cfg.footprint_m > 0:
@@ -110,7 +114,7 @@ def make_grid(info: RasterInfo, cfg: TilingConfig) -> TileGrid:
             f"Footprint {cfg.footprint_m:g} m is larger than the raster ({info.width_m:.0f} x {info.height_m:.0f} m); "
             "use a smaller --footprint-m."
         )
-    if tile_w < 8 or tile_h < 8:
+    if tile_w < MIN_TILE_PX or tile_h < MIN_TILE_PX:
         raise InputError(
             f"Footprint {cfg.footprint_m:g} m is only {min(tile_w, tile_h):.1f} pixels at this raster's "
             f"{info.gsd_x_m:.2f} m resolution; use a larger --footprint-m."

@@ -7,7 +7,7 @@ Locate result the analyst confirms ("this candidate is right") into a label with
 
 from __future__ import annotations
 
-import logging
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,15 +15,15 @@ from typing import Any
 from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsPointXY, QgsProject
 from qgis.PyQt.QtCore import QObject
 
+from ..notify import Notifier
 from ..settings import CdiktSettings, engine_default_data_dir
 from .dialog import LabelPairsDialog
 from .map_tool import LabelMapTool
-from .store import LABELS_PROPERTY, LabelStore, default_labels_path
+from .store import LABELS_PROPERTY, LabelStore, default_labels_path, expected_errors
 
 __all__ = ["LABELS_PROPERTY", "LabelMapTool", "LabelPairsDialog", "LabelStore", "LabellingController",
-           "accept_candidate", "default_labels_path"]
+           "accept_candidate", "default_labels_path", "expected_errors"]
 
-log = logging.getLogger(__name__)
 TITLE = "CDIKT"
 
 
@@ -54,6 +54,7 @@ class LabellingController(QObject):
         self.last_result = last_result or (lambda: None)
         self._store: LabelStore | None = None
         self.dialog: LabelPairsDialog | None = None
+        self.notifier = Notifier(iface, TITLE)
 
     def labels_path(self) -> Path:
         return default_labels_path(QgsProject.instance(), engine_default_data_dir())
@@ -67,15 +68,21 @@ class LabellingController(QObject):
         return self._store
 
     def _push(self, text: str, level: Qgis.MessageLevel = Qgis.Warning) -> None:
-        if self.iface is not None:
-            self.iface.messageBar().pushMessage(TITLE, text, level, 8)
-        log.info(text)
+        self.notifier.push(text, level, 8)
+
+    def _push_bug(self, what: str, exc: BaseException) -> None:
+        """A bug: its traceback to the CDIKT log (call inside the `except`), one line to the analyst."""
+        self.notifier.details(traceback.format_exc())
+        self._push(f"{what}: unexpected {type(exc).__name__} (full traceback in the CDIKT log).", Qgis.Critical)
 
     def open_dialog(self) -> LabelPairsDialog | None:
         try:
             store = self.store()
-        except Exception as exc:  # an unreadable labels file: say which and why; never overwrite it
+        except expected_errors() as exc:  # an unreadable labels file: say which and why; never overwrite it
             self._push(f"Cannot open the labels: {exc}")
+            return None
+        except Exception as exc:
+            self._push_bug("Cannot open the labels", exc)
             return None
         if self.dialog is None or self.dialog.store is not store:
             self.close_dialog()
@@ -98,8 +105,11 @@ class LabellingController(QObject):
         try:
             i = accept_candidate(self.store(), result.photo, cand, result.crs_wkt)
             self.store().ensure_layer()
-        except Exception as exc:
+        except expected_errors() as exc:  # the store undid the edit: the labels file is unchanged
             self._push(f"Labels not saved: {exc}")
+            return None
+        except Exception as exc:
+            self._push_bug("Labels not saved", exc)
             return None
         self._push(f"Labelled {Path(result.photo).name} at candidate #{cand.rank} ({len(self.store())} pairs).",
                    Qgis.Success)

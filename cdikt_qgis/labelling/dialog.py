@@ -5,20 +5,35 @@ Non-modal, so the analyst pans and zooms the map while it is open. Select a phot
 from EXIF when the photo says, else the size box) appears at once in the labels layer. Clicking
 again moves it; Shift+click turns its top edge towards the click; the size and heading boxes
 resize and rotate the selected label; Delete and Undo do what they say. Every change is saved.
+
+A failed edit changes nothing (the store undoes it in memory, the file is replaced only whole).
+Expected failures (a locked or full disk, an unreadable photo, a point the CRSs cannot convert)
+are said in one line; anything else is a bug, so its traceback goes to the CDIKT log as well.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from qgis.core import QgsCoordinateReferenceSystem, QgsMapLayerProxyModel, QgsPointXY, QgsRasterLayer
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsMapLayerProxyModel,
+    QgsMessageLog,
+    QgsPointXY,
+    QgsRasterLayer,
+)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import QSize, Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (
     QDialog,
+    QDialogButtonBox,
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
@@ -32,9 +47,11 @@ from qgis.PyQt.QtWidgets import (
 
 from ..dock import load_thumbnail
 from .map_tool import LabelMapTool
-from .store import LabelStore
+from .store import LabelStore, expected_errors
 
 log = logging.getLogger(__name__)
+LOG_TAG = "CDIKT"
+T = TypeVar("T")
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 ICON = QSize(96, 72)
 
@@ -51,14 +68,15 @@ class LabelPairsDialog(QDialog):
     """Photos on the left, the selected photo's label controls on the right; the canvas does the rest."""
 
     def __init__(self, store: LabelStore, canvas, default_side_m: float = 60.0,
-                 raster: QgsRasterLayer | None = None, parent: QWidget | None = None, message=None) -> None:
+                 raster: QgsRasterLayer | None = None, parent: QWidget | None = None,
+                 message: Callable[[str, Qgis.MessageLevel], None] | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Label pairs: where was each photo taken?")
         self.setObjectName("CdiktLabelPairsDialog")
         self.store = store
         self.canvas = canvas
         self.default_side_m = default_side_m
-        self.message = message  # callable(text) for the message bar, or None
+        self.message = message  # the controller's message bar, or None (the status line only)
         self.tool = LabelMapTool(canvas) if canvas is not None else None
         self._previous_tool = None
         self._updating = False
@@ -125,6 +143,9 @@ class LabelPairsDialog(QDialog):
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         outer.addWidget(self.status)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
+        self.buttons.rejected.connect(self.reject)  # Close has the reject role; done() releases the map tool
+        outer.addWidget(self.buttons)
         self.resize(640, 420)
         self.refresh_status()
 
@@ -155,9 +176,9 @@ class LabelPairsDialog(QDialog):
                 return
 
     def refresh_status(self) -> None:
-        done = self.store.labelled_photos()
-        for i in range(self.photo_list.count()):
-            item = self.photo_list.item(i)
+        items = [self.photo_list.item(i) for i in range(self.photo_list.count())]
+        done = self.store.labelled_among(item.data(Qt.UserRole) for item in items)  # by path, else by content
+        for item in items:
             labelled = Path(item.data(Qt.UserRole)) in done
             item.setText(f"{Path(item.data(Qt.UserRole)).name}\n{'✓ labelled' if labelled else 'not labelled'}")
             item.setData(Qt.UserRole + 1, labelled)
@@ -187,29 +208,57 @@ class LabelPairsDialog(QDialog):
         self.heading_spin.setValue((priors.yaw_deg or 0.0) % 360.0)
 
     # -- edits -------------------------------------------------------------------------------
-    def _report(self, exc: Exception) -> None:
-        text = f"Labels not saved: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+    def _report(self, exc: BaseException) -> None:
+        """Say in one line why the labels were not saved (an expected error: bad input, the disk)."""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self._say(f"Labels not saved: {first}", Qgis.Warning)
+
+    def _report_bug(self, exc: BaseException) -> None:
+        """A bug: the traceback to the CDIKT log (call inside the `except`), one line to the analyst.
+
+        Not re-raised: out of a Qt slot it would end in QGIS's Python error dialog (or abort
+        QGIS without one), and the store has already undone the edit, so nothing is lost.
+        """
+        QgsMessageLog.logMessage(traceback.format_exc(), LOG_TAG, Qgis.Critical)
+        self._say(f"Labels not saved: unexpected {type(exc).__name__} (full traceback in the CDIKT log).",
+                  Qgis.Critical)
+
+    def _say(self, text: str, level: Qgis.MessageLevel) -> None:
         self.status.setText(text)
         if self.message:
-            self.message(text)
+            self.message(text, level)
 
     def _raster_crs(self) -> QgsCoordinateReferenceSystem | None:
         layer = self.raster_combo.currentLayer()
         return layer.crs() if layer is not None else None
+
+    def _guarded(self, edit: Callable[[], T]) -> T | None:
+        """Run one edit; on failure say why (expected errors) or log the bug, and return None.
+
+        Every edit slot goes through here: an exception escaping a Qt slot would bypass the
+        analyst's message, and the store has already undone the failed edit, so nothing is lost.
+        """
+        try:
+            return edit()
+        except expected_errors() as exc:
+            self._report(exc)
+        except Exception as exc:
+            self._report_bug(exc)
+        return None
 
     def place_at(self, point: QgsPointXY, crs: QgsCoordinateReferenceSystem) -> int | None:
         photo = self.selected_photo()
         if not photo:
             self.status.setText("Select a photo in the list first, then click where it was taken.")
             return None
-        try:
+
+        def place() -> int:
             i = self.store.place(photo, point, crs, self.side_spin.value(), self.heading_spin.value(),
                                  self._raster_crs())
             self.store.ensure_layer()
-        except Exception as exc:  # InputError, OSError: the file is unchanged, say why
-            self._report(exc)
-            return None
-        return i
+            return i
+
+        return self._guarded(place)
 
     def aim_at(self, point: QgsPointXY, crs: QgsCoordinateReferenceSystem) -> None:
         """Turn the selected label so its top edge faces `point`."""
@@ -220,11 +269,15 @@ class LabelPairsDialog(QDialog):
             return
         from model_backend.labels import metres_per_unit
 
-        p = self.store._to_labels_crs(point, crs)
-        cx, cy, _, _ = self.store.footprint(i)
-        mx, my = metres_per_unit(self.store.labels.crs_wkt, cx, cy)
-        heading = math.degrees(math.atan2((p.x() - cx) * mx, (p.y() - cy) * my)) % 360.0
-        self.heading_spin.setValue(heading)  # -> _heading_changed reshapes and saves
+        def heading_to_point() -> float:
+            p = self.store._to_labels_crs(point, crs)
+            cx, cy, _, _ = self.store.footprint(i)
+            mx, my = metres_per_unit(self.store.labels.crs_wkt, cx, cy)
+            return math.degrees(math.atan2((p.x() - cx) * mx, (p.y() - cy) * my)) % 360.0
+
+        heading = self._guarded(heading_to_point)
+        if heading is not None:
+            self.heading_spin.setValue(heading)  # -> _heading_changed reshapes and saves
 
     def _side_changed(self, value: float) -> None:
         self._reshape(side_m=value)
@@ -235,28 +288,17 @@ class LabelPairsDialog(QDialog):
     def _reshape(self, **kw) -> None:
         photo = self.selected_photo()
         i = self.store.index_of(photo) if (photo and not self._updating) else None
-        if i is None:
-            return
-        try:
-            self.store.reshape(i, **kw)
-        except Exception as exc:
-            self._report(exc)
+        if i is not None:
+            self._guarded(lambda: self.store.reshape(i, photo=photo, **kw))
 
     def delete_selected(self) -> None:
         photo = self.selected_photo()
         i = self.store.index_of(photo) if photo else None
-        if i is None:
-            return
-        try:
-            self.store.delete(i)
-        except Exception as exc:
-            self._report(exc)
+        if i is not None:
+            self._guarded(lambda: self.store.delete(i))
 
     def undo(self) -> None:
-        try:
-            self.store.undo()
-        except Exception as exc:
-            self._report(exc)
+        self._guarded(self.store.undo)
         self._selected()
 
     # -- map tool ----------------------------------------------------------------------------

@@ -44,6 +44,18 @@ VALIDATION = "VALIDATION"
 LABEL_SUFFIXES = (".gpkg", ".geojson", ".json")
 
 
+def labels_layer_default() -> str | None:
+    """The project's CDIKT labelled pairs layer, so the dialog does not preselect the Candidates layer."""
+    from qgis.core import QgsProject
+
+    from ..labelling.store import LABELS_PROPERTY
+
+    for layer in QgsProject.instance().mapLayers().values():
+        if layer.customProperty(LABELS_PROPERTY):
+            return layer.id()
+    return None
+
+
 def labels_file(layer: Any) -> str:
     """The file behind a labels layer (main thread): a GeoPackage or GeoJSON on disk, else a clear error."""
     uri = layer.source()
@@ -83,7 +95,7 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         self.add_raster_parameter()
         self.addParameter(QgsProcessingParameterVectorLayer(
-            LABELS, "Labelled pairs (footprint polygons with a 'photo' field)"))
+            LABELS, "Labelled pairs (footprint polygons with a 'photo' field)", defaultValue=labels_layer_default()))
         self.addParameter(QgsProcessingParameterNumber(
             EPOCHS, "Epochs (0: the engine's default)", QgsProcessingParameterNumber.Integer,
             defaultValue=0, minValue=0, maxValue=200))

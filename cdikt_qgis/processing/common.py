@@ -16,6 +16,7 @@ from typing import Any
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
+    QgsMapLayer,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
@@ -25,6 +26,8 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
+    QgsProject,
+    QgsRasterLayer,
 )
 
 from ..settings import CdiktSettings
@@ -137,6 +140,34 @@ def import_engine() -> None:
             "needs (check the cdikt/python_site_packages setting).") from None
 
 
+OUTPUT_SUFFIXES = (".heatmap.tif", ".draped.tif")
+"""The engine's raster outputs (heatmap, draped photo): never a raster to search in."""
+
+
+def is_cdikt_output(layer: QgsMapLayer) -> bool:
+    """A layer this plugin produced: a heatmap or draped photo (by file name), or a candidates layer."""
+    if layer.customProperty("cdikt/geojson_path"):
+        return True
+    source = (layer.source() or "").split("|")[0].lower()
+    return source.endswith(OUTPUT_SUFFIXES)
+
+
+def search_raster_default() -> str | None:
+    """The layer id Processing dialogs preselect as the raster to search: the active raster layer if it
+    is not one of ours, else the first raster of the project that is not; None with no project (scripts)."""
+    from qgis.utils import iface  # None under qgis_process and in tests
+
+    candidates: list[QgsMapLayer] = []
+    active = iface.activeLayer() if iface is not None else None
+    if active is not None:
+        candidates.append(active)
+    candidates += [node.layer() for node in QgsProject.instance().layerTreeRoot().findLayers()]
+    for layer in candidates:
+        if isinstance(layer, QgsRasterLayer) and layer.isValid() and not is_cdikt_output(layer):
+            return layer.id()
+    return None
+
+
 def snap_stride(stride: float) -> float:
     """The engine needs a stride of exactly 1/n; accept 0.33 for 1/3 instead of failing on rounding."""
     if stride > 0:
@@ -166,8 +197,11 @@ class CdiktAlgorithm(QgsProcessingAlgorithm):
 
     # -- parameters ------------------------------------------------------------------------
     def add_raster_parameter(self) -> None:
+        # initAlgorithm runs again for each dialog (QgsProcessingAlgorithm.create), so the default
+        # follows the project: the raster the analyst works on, never one of our own outputs
         self.addParameter(QgsProcessingParameterRasterLayer(
-            RASTER, "Raster to search in (orthophoto or satellite image, a local file)"))
+            RASTER, "Raster to search in (orthophoto or satellite image, a local file)",
+            defaultValue=search_raster_default()))
 
     def add_footprint_parameters(self, footprint_help: str) -> None:
         footprint = QgsProcessingParameterNumber(

@@ -13,7 +13,7 @@ from rasterio.crs import CRS as RioCRS
 
 from model_backend.config import TilingConfig
 from model_backend.errors import InputError
-from model_backend.heatmap import NODATA, heatmap_array, write_heatmap
+from model_backend.heatmap import BAND_NAME, NODATA, heatmap_array, write_heatmap
 from model_backend.raster import open_raster
 from model_backend.tiling import TileGrid, make_grid
 
@@ -246,3 +246,61 @@ def test_read_only_folder_is_a_clear_error(rasters, tmp_path):
         assert os.listdir(folder) == []
     finally:
         folder.chmod(0o755)
+
+
+def _valid_share_by_pixel_centres(raster: Path, grid: TileGrid) -> np.ndarray:
+    """Share of valid pixels per heatmap cell at full resolution (pixel centre decides the cell)."""
+    with rasterio.open(raster) as ds:
+        valid = ds.dataset_mask() > 0
+    cell_y = ((np.arange(valid.shape[0]) + 0.5) / grid.step_y).astype(int)
+    cell_x = ((np.arange(valid.shape[1]) + 0.5) / grid.step_x).astype(int)
+    yy, xx = np.meshgrid(cell_y, cell_x, indexing="ij")
+    inside = (yy < grid.cell_rows) & (xx < grid.cell_cols)
+    hits = np.zeros((grid.cell_rows, grid.cell_cols))
+    count = np.zeros_like(hits)
+    np.add.at(hits, (yy[inside], xx[inside]), valid[inside])
+    np.add.at(count, (yy[inside], xx[inside]), 1)
+    return hits / count
+
+
+def test_cells_over_the_rasters_nodata_are_nodata(tmp_path):
+    """A Pix4D mosaic's transparent border: tiles reaching over it must not paint it."""
+    raster = DATA / "bali_pix4d_0.35m_alpha.tif"
+    grid = make_grid(open_raster(raster), TilingConfig(footprint_m=10.0, stride=0.5))
+    cols, rows = all_tiles(grid)
+    scores = np.full(cols.size, 0.5)
+
+    with rasterio.open(write_heatmap(str(tmp_path / "plain.tif"), grid, cols, rows, scores)) as ds:
+        assert not ds.read(1, masked=True).mask.any()  # without the raster every scored cell is painted
+    out = write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, scores, raster_path=str(raster))
+    assert sorted(os.listdir(tmp_path)) == ["h.tif", "plain.tif"]
+    with rasterio.open(out) as ds:
+        data = ds.read(1)
+        assert ds.nodata == NODATA and ds.transform == grid.cell_transform
+
+    share = _valid_share_by_pixel_centres(raster, grid)
+    mostly_nodata, mostly_valid = share < 0.45, share > 0.55  # GDAL also weighs partial pixels
+    assert mostly_nodata.sum() > 50 and mostly_valid.sum() > 1000
+    assert np.all(data[mostly_nodata] == NODATA)
+    assert np.all(data[mostly_valid] == np.float32(0.5))
+    assert data[0, 0] == NODATA and data[grid.cell_rows // 2, grid.cell_cols // 2] == np.float32(0.5)
+
+
+def test_a_raster_without_nodata_masks_nothing_and_a_wrong_raster_is_refused(rasters, tmp_path):
+    raster = rasters["netherlands_28992"][0]
+    grid = make_grid(open_raster(raster), TilingConfig(footprint_m=20.0, stride=0.5))
+    cols, rows = all_tiles(grid)
+    out = write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, np.full(cols.size, 0.25), raster_path=str(raster))
+    with rasterio.open(out) as ds:
+        assert np.all(ds.read(1) == np.float32(0.25))
+    with pytest.raises(ValueError, match="not the searched raster"):
+        write_heatmap(str(tmp_path / "w.tif"), grid, cols, rows, np.ones(cols.size),
+                      raster_path=str(DATA / "bali_pix4d_0.35m_alpha.tif"))
+
+
+def test_band_has_a_short_meaningful_name(rasters, tmp_path):
+    """QGIS puts the band description in the legend, where a long one is cut off."""
+    grid = make_grid(open_raster(rasters["netherlands_28992"][0]), TilingConfig(footprint_m=110.0))
+    cols, rows = all_tiles(grid)
+    with rasterio.open(write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, np.ones(cols.size))) as ds:
+        assert ds.descriptions == (BAND_NAME,) == ("match score",)

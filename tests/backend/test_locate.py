@@ -181,3 +181,37 @@ def test_cancel_raises_and_leaves_no_finished_index(data_dir: Path, embedder, tm
                      cache_dir=str(tmp_path / "cache"), embedder=embedder, cancel=lambda: True)
     assert not list(tmp_path.rglob("manifest.json"))
     assert not out.exists() or not any(out.iterdir())  # nothing half-written for the photo either
+
+
+def test_scale_search_keeps_to_the_sizes_a_coarse_raster_can_hold(data_dir: Path) -> None:
+    """At 5 m a pixel, the ladder's 36 m rung is 7 pixels across: it is skipped, not an error."""
+    from model_backend.locate import choose_footprints
+    from model_backend.tiling import MIN_TILE_PX
+
+    coarse = open_raster(str(data_dir / "naip_northdakota_5m_2015.tif"))
+    photo = str(data_dir / "sues200" / sorted(p.name for p in (data_dir / "sues200").iterdir())[0])
+    sizes, source = choose_footprints(coarse, photo, TilingConfig(footprint_m=60.0), QueryConfig())
+    assert source == "scale search" and sizes == [60.0, 96.0]
+    assert all(fp / coarse.gsd_x_m >= MIN_TILE_PX for fp in sizes)
+    for fp in sizes:
+        make_grid(coarse, TilingConfig(footprint_m=fp))  # each can be indexed
+    fine = open_raster(str(data_dir / "manila_oam_0.10m.tif"))
+    assert choose_footprints(fine, photo, TilingConfig(footprint_m=60.0), QueryConfig())[0] == [36.0, 60.0, 96.0]
+
+
+def test_progress_names_each_stage_and_counts_tiles(data_dir: Path, tmp_path: Path) -> None:
+    """What the dock shows: the model loading, the photo, then tiles counted, in order, never going back."""
+    raster = str(data_dir / "manila_oam_0.10m.tif")
+    view = _nadir_view(raster, 40.0, 3)
+    photo = tmp_path / "v.jpg"
+    save_view(view, str(photo))
+    seen: list[tuple[float, str]] = []
+    locate_photo(raster, str(photo), str(tmp_path / "out"), tiling=TilingConfig(footprint_m=40.0),
+                 query=QueryConfig(footprint_m=40.0), cache_dir=str(tmp_path / "cache"), verify=False,
+                 progress=lambda f, msg: seen.append((f, msg)))
+    messages = [m for _, m in seen]
+    assert messages[0] == "Loading model…" and messages[1].startswith("Embedding the photo")
+    tiles = [m for m in messages if m.startswith("Embedding tiles ")]
+    assert tiles and tiles[-1].split()[2] == tiles[-1].split()[4]  # "Embedding tiles N of N" at the end
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0

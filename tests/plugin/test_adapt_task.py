@@ -29,8 +29,14 @@ def _controller(iface, case: dict):
 
     panel = ModelPanel(iface.mainWindow())
     settings = CdiktSettings()
-    return AdaptController(iface, panel, settings, raster=lambda: case["layer"],
-                           labels_path=lambda: case["labels"]), panel, settings
+    asked = case.setdefault("asked", [])  # the analyst says yes to adapting with the case's 6 pairs
+
+    def confirm(n: int) -> bool:
+        asked.append(n)
+        return True
+
+    return AdaptController(iface, panel, settings, raster=lambda: case["layer"], labels_path=lambda: case["labels"],
+                           confirm_few_pairs=confirm), panel, settings
 
 
 def test_a_cancelled_adaptation_leaves_the_active_model_unchanged(iface, case: dict, data_dir: Path,
@@ -98,8 +104,10 @@ def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface
 
     assert controller.rollback() == first.params.out
     assert settings.weights_path == first.params.out and panel.model_combo.currentData() == first.params.out
+    assert panel.rollback_button.isEnabled()
     assert controller.rollback() is None  # back to the embedded default
     assert settings.weights_path is None and panel.model_combo.currentText() == DEFAULT_MODEL_LABEL
+    assert not panel.rollback_button.isEnabled()  # the embedded default has nothing to roll back to
     assert controller.rollback() is None  # nothing left to roll back: says so, changes nothing
     assert any("nothing to roll back" in text for _, text, _ in iface.messages())
 
@@ -128,3 +136,18 @@ def test_adapt_without_labels_or_raster_says_what_to_do(iface, data_dir: Path, t
     assert controller.adapt() is None
     texts = [text for _, text, _ in iface.messages()]
     assert any("Pick a raster layer" in t for t in texts) and any("No labelled pairs yet" in t for t in texts)
+
+
+def test_few_pairs_are_counted_and_the_analyst_decides(iface, case: dict, data_dir: Path) -> None:
+    """Six pairs are fewer than the ten recommended: the analyst is asked first, and no is respected."""
+    from cdikt_qgis.adapt_task import AdaptController
+    from cdikt_qgis.model_panel import ModelPanel
+
+    panel = ModelPanel(iface.mainWindow())
+    asked: list[int] = []
+    controller = AdaptController(iface, panel, raster=lambda: case["layer"], labels_path=lambda: case["labels"],
+                                 confirm_few_pairs=lambda n: asked.append(n) or False)
+    assert not panel.rollback_button.isEnabled()  # the embedded default is active
+    assert controller.adapt() is None and controller.task is None
+    assert asked == [6]
+    assert "6 labelled pairs" in panel.status.text() and "10 or more" in panel.status.text()

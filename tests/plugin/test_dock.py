@@ -68,7 +68,8 @@ def test_a_web_layer_is_refused_with_a_clear_message(iface) -> None:
     dock.locate_button.click()
     assert controller.task is None
     (title, text, _), = iface.messages()
-    assert title == "CDIKT" and "'OSM tiles' is a wms layer" in text and "GeoTIFF" in text
+    assert title == "CDIKT" and "'OSM tiles' is a web layer (WMS/WMTS/XYZ)" in text and "GeoTIFF" in text
+    assert len(text) <= 100  # one line that fits the message bar
     assert dock.status.text() == text
 
 
@@ -80,11 +81,13 @@ def test_a_missing_photo_is_refused_with_a_clear_message(iface, tmp_path: Path) 
     dock, controller = _dock_and_controller(iface)
     dock.set_layer(layer)
     dock.locate_button.click()
+    assert [m[1] for m in iface.messages()] == ["Pick the drone photo to locate."]
     dock.set_photo(str(tmp_path / "nope.jpg"))
     dock.locate_button.click()
     assert controller.task is None
-    texts = [m[1] for m in iface.messages()]
-    assert texts == ["Pick the drone photo to locate.", f"Photo not found: {tmp_path / 'nope.jpg'}"]
+    # the previous request's message is stale now: only the new one stays on the bar
+    assert [m[1] for m in iface.messages()] == [f"Photo not found: {tmp_path / 'nope.jpg'}"]
+    assert dock.status.text() == f"Photo not found: {tmp_path / 'nope.jpg'}"
 
 
 def test_export_without_a_result_says_so(iface, tmp_path: Path) -> None:
@@ -109,3 +112,35 @@ def test_locate_remembers_the_last_footprint_and_top_k(iface, tmp_path: Path) ->
     assert wait_until(lambda: task not in _LIVE, 60)  # no task outlives the test
     s = CdiktSettings()
     assert (s.default_footprint_m, s.footprint_from_exif, s.top_k) == (4321.0, False, 9)
+
+
+def test_the_dock_scrolls_and_suggests_an_export_name_in_the_last_folder(iface, tmp_path: Path) -> None:
+    from qgis.PyQt.QtWidgets import QScrollArea
+
+    from cdikt_qgis.settings import CdiktSettings
+
+    dock, _ = _dock_and_controller(iface)
+    assert isinstance(dock.widget(), QScrollArea) and dock.widget().widgetResizable()
+    assert dock.export_suggestion() == str(Path.home() / "candidates.matches.geojson")
+    dock.set_photo(str(DATA / "DJI_0061.JPG"))
+    CdiktSettings().export_dir = str(tmp_path / "exports")
+    assert dock.export_suggestion() == str(tmp_path / "exports" / "DJI_0061.matches.geojson")
+
+
+def test_a_quiet_stage_shows_its_elapsed_time(iface) -> None:
+    """Loading the model can take ten seconds with no progress from the engine: the dock still moves."""
+    import time
+
+    from .qgis_helpers import wait_until
+
+    dock, _ = _dock_and_controller(iface)
+    dock.set_running(True)
+    dock.set_progress(0.0, "Loading model…")
+    t0 = time.monotonic()
+    assert wait_until(lambda: dock.status.text().startswith("Loading model… ("), 5)
+    assert time.monotonic() - t0 <= 2.5
+    assert dock.status.text().endswith(" s)")
+    dock.set_progress(0.3, "Embedding tiles 100 of 300")
+    assert dock.status.text() == "Embedding tiles 100 of 300"  # a new stage shows at once, without a count
+    dock.set_running(False)
+    assert not dock._heartbeat.isActive()

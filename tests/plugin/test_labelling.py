@@ -1,9 +1,13 @@
 """Labelling on a real canvas: map-tool clicks make labels in the raster's CRS, every edit is saved,
-labels survive a plugin reload, a Locate candidate can be accepted, a failed save loses nothing."""
+labels survive a plugin reload, a Locate candidate can be accepted, a failed save loses nothing,
+a moved photo folder keeps its labels, and each message reaches the log once."""
 
 from __future__ import annotations
 
 import math
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -176,4 +180,215 @@ def test_accept_a_locate_candidate_and_a_failed_save_loses_nothing(iface, tmp_pa
     with pytest.raises(OSError):
         store.delete(0)
     assert len(store) == 1 and (tmp_path / "accepted.gpkg").read_bytes() == before
+    controller.shutdown()
+
+
+@contextmanager
+def _message_log() -> Iterator[list[tuple[str, str, int]]]:
+    """Every (text, tab, level) QGIS's message log receives meanwhile; with the plugin's logging handler on,
+    so a message also sent through Python logging shows up as the duplicate it would be inside QGIS."""
+    from qgis.core import QgsApplication
+
+    from cdikt_qgis import log as cdikt_log
+
+    had_handler = cdikt_log._handler is not None
+    cdikt_log.install()
+    got: list[tuple[str, str, int]] = []
+
+    def record(text: str, tag: str, level) -> None:
+        got.append((text, tag, int(level)))
+
+    QgsApplication.messageLog().messageReceived.connect(record)
+    try:
+        yield got
+    finally:
+        QgsApplication.messageLog().messageReceived.disconnect(record)
+        if not had_handler:
+            cdikt_log.uninstall()
+
+
+def _status_text(dialog, row: int) -> str:
+    return dialog.photo_list.item(row).text().split("\n")[1]
+
+
+def test_a_moved_or_copied_photo_keeps_its_label(iface, tmp_path: Path, photos: Path) -> None:
+    from pyproj import CRS
+    from qgis.core import QgsPointXY, QgsProject, QgsRasterLayer
+
+    from cdikt_qgis.labelling import LabelPairsDialog, LabelStore
+    from model_backend.labels import file_sha256, read_labels, ring_side_m
+
+    layer = QgsRasterLayer(str(RASTER), "naip 2015")
+    QgsProject.instance().addMapLayer(layer)  # the dialog's raster box lists project layers
+    store = LabelStore(tmp_path / "labels.gpkg")
+    dialog = LabelPairsDialog(store, None, 60.0, layer, iface.mainWindow())
+    dialog.set_folder(str(photos))
+    dialog.select_photo(photos / "DJI_0001.JPG")
+    dialog.side_spin.setValue(250.0)
+    assert dialog.place_at(QgsPointXY(layer.extent().center()), layer.crs()) == 0
+    first = read_labels(tmp_path / "labels.gpkg")
+    assert CRS.from_wkt(first.crs_wkt) == CRS.from_epsg(26914)  # the raster's
+    (saved,) = first.labels
+    assert saved.photo == "flight/DJI_0001.JPG"  # relative to the labels file: a rename breaks the path
+    assert saved.photo_sha256 == file_sha256(photos / "DJI_0001.JPG")
+    dialog.done(0)
+
+    moved = photos.rename(tmp_path / "flight 2015-06 (archived)")  # the analyst renames the folder
+    reopened = LabelStore(tmp_path / "labels.gpkg")  # as after a QGIS restart: nothing cached
+    assert reopened.index_of(moved / "DJI_0001.JPG") == 0
+    assert reopened.index_of(moved / "DJI_0000.JPG") is None  # another photo of the same size is not it
+    dialog = LabelPairsDialog(reopened, None, 60.0, layer, iface.mainWindow())
+    dialog.set_folder(str(moved))
+    assert [_status_text(dialog, r) for r in range(3)] == ["not labelled", "✓ labelled", "not labelled"]
+    dialog.select_photo(moved / "DJI_0001.JPG")  # the controls show the found label, not EXIF defaults
+    assert dialog.side_spin.value() == pytest.approx(250.0, rel=1e-3)
+
+    elsewhere = tmp_path / "usb stick"
+    elsewhere.mkdir()
+    copy = Path(shutil.copy2(moved / "DJI_0001.JPG", elsewhere / "renamed.jpg"))
+    assert reopened.index_of(copy) == 0 and reopened.is_labelled(copy)
+
+    dialog.side_spin.setValue(300.0)  # editing the found label relinks it to where the photo is now
+    labels = read_labels(tmp_path / "labels.gpkg")
+    assert len(labels.labels) == 1
+    assert labels.photo_path(labels.labels[0]) == (moved / "DJI_0001.JPG").absolute()
+    assert ring_side_m(labels.labels[0].ring, labels.crs_wkt) == pytest.approx(300.0, rel=1e-3)
+    dialog.done(0)
+
+
+def _write_old_labels(path: Path, photos: list[Path]) -> None:
+    """A labels GeoPackage as written before `photo_sha256` existed (fields: photo, heading, created, edited)."""
+    from osgeo import ogr, osr
+
+    from model_backend.labels import square_footprint
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(26914)
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    lyr = ds.CreateLayer("labels", srs, ogr.wkbPolygon, options=["GEOMETRY_NAME=geom", "FID=fid"])
+    for name in ("photo", "heading", "created", "edited"):
+        lyr.CreateField(ogr.FieldDefn(name, ogr.OFTReal if name == "heading" else ogr.OFTString))
+    for i, photo in enumerate(photos):
+        feat = ogr.Feature(lyr.GetLayerDefn())
+        feat.SetField("photo", str(photo))
+        feat.SetField("heading", 10.0 * i)
+        feat.SetField("created", "2024-05-01T10:00:00Z")
+        feat.SetField("edited", "2024-05-01T10:00:00Z")
+        ring = square_footprint(488000.0 + 500 * i, 5207000.0, 200.0, 10.0 * i, srs.ExportToWkt())
+        feat.SetGeometry(ogr.CreateGeometryFromWkt("POLYGON ((" + ", ".join(f"{x} {y}" for x, y in ring) + "))"))
+        lyr.CreateFeature(feat)
+    feat = lyr = ds = None
+
+
+def test_an_old_labels_file_without_hashes_stays_readable_and_gains_them(tmp_path: Path, photos: Path) -> None:
+    from osgeo import ogr
+
+    from cdikt_qgis.labelling import LabelStore
+    from model_backend.labels import file_sha256, read_labels
+
+    old = tmp_path / "old_labels.gpkg"
+    lost = photos / "DJI_0007.JPG"  # deleted long ago: it keeps its label, and no hash can be made for it
+    _write_old_labels(old, [lost, photos / "DJI_0000.JPG", photos / "DJI_0002.JPG"])
+    store = LabelStore(old)
+    assert len(store) == 3 and [lb.photo_sha256 for lb in store.labels.labels] == ["", "", ""]
+    assert store.index_of(photos / "DJI_0002.JPG") == 2  # by path, as before
+    store.reshape(1, side_m=150.0)  # the first edit rewrites the file: with the field, hashes filled in
+
+    ds = ogr.Open(str(old))
+    defn = ds.GetLayerByName("labels").GetLayerDefn()
+    assert "photo_sha256" in [defn.GetFieldDefn(i).GetName() for i in range(defn.GetFieldCount())]
+    ds = None
+    labels = read_labels(old)
+    assert [lb.photo for lb in labels.labels] == [str(lost), str(photos / "DJI_0000.JPG"),
+                                                  str(photos / "DJI_0002.JPG")]
+    assert [lb.photo_sha256 for lb in labels.labels] == ["", file_sha256(photos / "DJI_0000.JPG"),
+                                                         file_sha256(photos / "DJI_0002.JPG")]
+    assert [lb.heading for lb in labels.labels] == [0.0, 10.0, 20.0]
+    assert labels.labels[2].created == "2024-05-01T10:00:00Z"
+
+    moved = photos.rename(tmp_path / "moved")
+    again = LabelStore(old)
+    assert again.index_of(moved / "DJI_0002.JPG") == 2 and again.index_of(moved / "DJI_0000.JPG") == 1
+    assert again.index_of(moved / "DJI_0001.JPG") is None
+    listed = [moved / f"DJI_{i:04d}.JPG" for i in range(3)]
+    assert again.labelled_among(listed) == {listed[0], listed[2]}
+
+
+def test_the_close_button_closes_the_dialog_and_frees_the_map(iface, tmp_path: Path, photos: Path) -> None:
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+    from qgis.PyQt.QtWidgets import QDialog, QDialogButtonBox
+
+    from cdikt_qgis.labelling import LabelPairsDialog, LabelStore
+
+    canvas, layer = _canvas_on_raster(iface, "EPSG:26914")
+    dialog = LabelPairsDialog(LabelStore(tmp_path / "labels.gpkg"), canvas, 60.0, layer, iface.mainWindow())
+    dialog.show()
+    dialog.place_button.setChecked(True)
+    assert dialog.isVisible() and canvas.mapTool() is dialog.tool
+    close = dialog.buttons.button(QDialogButtonBox.Close)
+    assert close is not None and close.isVisible()
+    QTest.mouseClick(close, Qt.LeftButton)
+    process_events()
+    assert not dialog.isVisible() and dialog.result() == QDialog.Rejected
+    assert canvas.mapTool() is not dialog.tool and not dialog.place_button.isChecked()
+
+
+def test_bad_input_is_one_line_a_bug_also_logs_its_traceback_and_saved_labels_stay(
+        iface, data_dir: Path, photos: Path) -> None:
+    from qgis.core import Qgis, QgsPointXY, QgsProject, QgsRasterLayer
+
+    from cdikt_qgis.labelling import LabellingController
+
+    layer = QgsRasterLayer(str(RASTER), "naip 2015")
+    QgsProject.instance().addMapLayer(layer)
+    controller = LabellingController(iface, raster=lambda: layer)
+    dialog = controller.open_dialog()
+    dialog.set_folder(str(photos))
+    dialog.select_photo(photos / "DJI_0000.JPG")
+    centre = QgsPointXY(layer.extent().center())
+    assert dialog.place_at(centre, layer.crs()) == 0
+    labels_file = controller.labels_path()
+    saved = labels_file.read_bytes()
+
+    dialog.select_photo(photos / "DJI_0001.JPG")
+    (photos / "DJI_0001.JPG").unlink()  # gone (a network drive dropped) after it was selected
+    with _message_log() as logged:
+        assert dialog.place_at(centre, layer.crs()) is None
+    assert dialog.status.text() == f"Labels not saved: Photo DJI_0001.JPG cannot be read at " \
+                                   f"{(photos / 'DJI_0001.JPG').absolute()}; check the file."
+    assert iface.messages()[-1] == ("CDIKT", dialog.status.text(), int(Qgis.Warning))
+    assert not [m for m in logged if m[1] == "CDIKT"]  # an expected error: no traceback
+    assert len(controller.store()) == 1 and labels_file.read_bytes() == saved
+
+    dialog.select_photo(photos / "DJI_0000.JPG")
+    with _message_log() as logged:  # a caller's bug: no CRS object where one is required
+        assert dialog.place_at(centre, None) is None
+    assert dialog.status.text() == "Labels not saved: unexpected AttributeError (full traceback in the CDIKT log)."
+    assert iface.messages()[-1] == ("CDIKT", dialog.status.text(), int(Qgis.Critical))
+    tracebacks = [m for m in logged if m[1] == "CDIKT"]
+    assert len(tracebacks) == 1 and tracebacks[0][2] == int(Qgis.Critical)
+    assert tracebacks[0][0].startswith("Traceback (most recent call last)") and "AttributeError" in tracebacks[0][0]
+    assert "_to_labels_crs" in tracebacks[0][0]  # the frame that failed, for whoever fixes it
+    assert len(controller.store()) == 1 and labels_file.read_bytes() == saved
+    controller.shutdown()
+
+
+@pytest.mark.parametrize("with_bar", [True, False])
+def test_each_message_is_logged_once(iface, with_bar: bool) -> None:
+    from qgis.core import Qgis
+
+    from cdikt_qgis.labelling import LabellingController
+
+    controller = LabellingController(iface if with_bar else None, last_result=lambda: None)
+    with _message_log() as logged:
+        assert controller.accept() is None  # nothing located yet: the controller says so
+    said = [m for m in logged if "Locate a photo first" in m[0]]
+    if with_bar:  # the bar copies what it shows into the "Messages" tab; nothing else logs it
+        assert said == [("CDIKT : Locate a photo first; then accept the candidate that is right.", "Messages",
+                         int(Qgis.Info))]
+        assert iface.messages()[-1][1] == "Locate a photo first; then accept the candidate that is right."
+    else:  # no bar (a script, qgis_process): logged once under CDIKT
+        assert said == [("Locate a photo first; then accept the candidate that is right.", "CDIKT", int(Qgis.Info))]
+        assert iface.messages() == []
     controller.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,22 @@ class ResultData:
     candidates: list = field(default_factory=list)
 
 
-def _result(case: dict) -> ResultData:
-    return ResultData("/photos/DJI_0042.JPG", case["heatmap"], case["geojson"], case["gpkg"], case["crs_wkt"],
-                      case["candidates"])
+def _result(case: dict, photo: str = "/photos/DJI_0042.JPG") -> ResultData:
+    return ResultData(photo, case["heatmap"], case["geojson"], case["gpkg"], case["crs_wkt"], case["candidates"])
+
+
+def _label_rules(layer) -> dict:
+    """Description -> rule of a candidates layer's rule-based labelling."""
+    from qgis.core import QgsRuleBasedLabeling
+
+    labeling = layer.labeling()
+    assert isinstance(labeling, QgsRuleBasedLabeling)
+    return {rule.description(): rule for rule in labeling.rootRule().children()}
+
+
+def _decimals(label: str) -> int:
+    """Most digits after a decimal point in any number of ``label``."""
+    return max((len(m) for m in re.findall(r"\d\.(\d+)", label)), default=0)
 
 
 def test_heatmap_is_pseudocolour_in_the_raster_crs_with_transparent_nodata(heatmap_case: dict) -> None:
@@ -70,7 +84,8 @@ def test_candidates_are_outlines_labelled_by_rank_with_rank_one_stronger(heatmap
     for rule in (best, others):
         assert rule.symbol().symbolLayer(0).brushStyle() == 0  # Qt.NoBrush: outline only
     assert best.symbol().symbolLayer(0).strokeWidth() > others.symbol().symbolLayer(0).strokeWidth()
-    assert layer.labelsEnabled() and '"rank"' in layer.labeling().settings().fieldName
+    assert layer.labelsEnabled()
+    assert all('"rank"' in rule.settings().fieldName for rule in _label_rules(layer).values())
     assert layer.customProperty(GEOJSON_PROPERTY) == heatmap_case["geojson"]
 
 
@@ -188,5 +203,136 @@ def test_verified_footprints_are_solid_and_unverified_tiles_dashed(qgis_app, tmp
     assert len(rules) == 4
     styles = {r.label(): r.symbol().symbolLayer(0).strokeStyle() for r in rules}
     assert styles["Best match (verified footprint)"] != styles["Best match (tile, not verified)"]
-    label_expr = layer.labeling().settings().fieldName
-    assert "verified" in label_expr and "confidence" in label_expr
+    for rule in _label_rules(layer).values():
+        label_expr = rule.settings().fieldName
+        assert "verified" in label_expr and "confidence" in label_expr
+
+
+def test_a_new_result_hides_and_collapses_earlier_results_only(qgis_app, heatmap_case) -> None:
+    """Two photos' candidates drawn at once read as one set; the analyst's own groups stay as they are."""
+    from qgis.core import QgsProject
+
+    from cdikt_qgis.layers import RESULT_GROUP_PROPERTY, add_result_layers
+
+    project = QgsProject.instance()
+    root = project.layerTreeRoot()
+    mine = root.addGroup("my basemaps")
+    mine.setExpanded(True)
+    first = add_result_layers(_result(heatmap_case, "/photos/DJI_0001.JPG"), project)
+    assert first.isVisible() and first.isExpanded()
+    moved = first.clone()  # the analyst drags the first result into a folder of theirs (a drag clones)
+    mine.insertChildNode(0, moved)
+    root.removeChildNode(first)
+    first = moved
+    second = add_result_layers(_result(heatmap_case, "/photos/DJI_0002.JPG"), project)
+
+    assert first.customProperty(RESULT_GROUP_PROPERTY) == "/photos/DJI_0001.JPG"
+    assert not first.itemVisibilityChecked() and not first.isExpanded()
+    assert not any(node.isVisible() for node in first.findLayers())  # nothing of photo 1 is drawn
+    assert second.itemVisibilityChecked() and second.isExpanded() and second.isVisible()
+    assert all(node.isVisible() for node in second.findLayers())
+    assert root.children()[0] is second
+    assert mine.itemVisibilityChecked() and mine.isExpanded()  # not ours: untouched
+    assert not mine.customProperty(RESULT_GROUP_PROPERTY)
+
+    third = add_result_layers(_result(heatmap_case, "/photos/DJI_0003.JPG"), project)
+    assert not second.itemVisibilityChecked() and not second.isExpanded()
+    assert third.itemVisibilityChecked() and third.isExpanded()
+
+
+def test_rank_one_label_always_shows_and_the_others_give_way(qgis_app, tmp_path: Path) -> None:
+    """Five footprints on one spot under another layer's top-priority labels: #1 must still be drawn."""
+    import pyproj
+    from qgis.core import (
+        QgsMapRendererCustomPainterJob,
+        QgsMapSettings,
+        QgsPalLayerSettings,
+        QgsRectangle,
+        QgsVectorLayer,
+        QgsVectorLayerSimpleLabeling,
+    )
+    from qgis.PyQt.QtCore import QSize
+    from qgis.PyQt.QtGui import QColor, QImage, QPainter
+
+    from cdikt_qgis.layers import BEST_LABEL_PRIORITY, candidates_layer
+    from model_backend.candidates import Candidate
+    from model_backend.export import write_gpkg
+
+    ring = [(0.0, 0.0), (10.0, 0.0), (10.0, 10.0), (0.0, 10.0), (0.0, 0.0)]
+    cands = [Candidate(r, 1.0 - r / 10, 5.0 + r / 10, 5.0, 0.0, 0.0, [(x + r / 10, y) for x, y in ring])
+             for r in range(1, 6)]
+    path = write_gpkg(str(tmp_path / "m.gpkg"), cands, pyproj.CRS.from_epsg(32633).to_wkt(), {"photo": "p.jpg"})
+    layer = candidates_layer(path)
+
+    rules = _label_rules(layer)
+    best, others = rules["Best match"], rules["Other candidates"]
+    assert best.filterExpression() == '"rank" = 1' and others.isElse()
+    assert best.settings().displayAll and best.settings().priority == BEST_LABEL_PRIORITY == 10
+    assert not others.settings().displayAll and others.settings().priority < BEST_LABEL_PRIORITY
+
+    # Another layer (an older result, a basemap's names) labels the same spot at the highest priority.
+    blocker = QgsVectorLayer(path, "blocker", "ogr")
+    pal = QgsPalLayerSettings()
+    pal.fieldName, pal.isExpression, pal.priority = "'XXXXXXXX'", True, 10
+    pal.placement = QgsPalLayerSettings.OverPoint
+    blocker.setLabeling(QgsVectorLayerSimpleLabeling(pal))
+    blocker.setLabelsEnabled(True)
+    settings = QgsMapSettings()
+    settings.setLayers([blocker, layer])
+    settings.setDestinationCrs(layer.crs())
+    settings.setOutputSize(QSize(200, 200))
+    settings.setExtent(QgsRectangle(-50, -50, 60, 60))  # all five labels fall on the same few pixels
+    settings.setFlag(QgsMapSettings.DrawLabeling, True)
+    image = QImage(QSize(200, 200), QImage.Format_ARGB32_Premultiplied)
+    image.fill(QColor("white"))
+    painter = QPainter(image)
+    job = QgsMapRendererCustomPainterJob(settings, painter)
+    job.renderSynchronously()
+    painter.end()
+    drawn = [p.labelText for p in job.takeLabelingResults().allLabels()
+             if p.layerID == layer.id() and not p.isUnplaced]
+    assert "#1" in drawn
+    assert len(drawn) < 5  # the other ranks still give way where they collide
+
+
+def test_heatmap_legend_is_short_and_rounded(qgis_app, heatmap_case, tmp_path: Path) -> None:
+    """What the Layers panel shows: a short band name and scores to at most 3 decimals, even for a tight range."""
+    from qgis.core import (
+        QgsColorRampLegendNode,
+        QgsLayerTreeModel,
+        QgsNumericFormatContext,
+        QgsProject,
+        QgsSimpleLegendNode,
+    )
+    from qgis.PyQt.QtCore import Qt
+
+    from cdikt_qgis.layers import heatmap_layer
+    from model_backend.heatmap import write_heatmap
+
+    grid = heatmap_case["grid"]
+    rows, cols = np.meshgrid(np.arange(grid.n_rows), np.arange(grid.n_cols), indexing="ij")
+    rng = np.random.default_rng(0)
+    tight = write_heatmap(str(tmp_path / "tight.tif"), grid, cols.ravel(), rows.ravel(),
+                          0.8123456 + 0.004 * rng.random(cols.size))  # cosines differing in the 3rd decimal
+
+    project = QgsProject.instance()
+    model = QgsLayerTreeModel(project.layerTreeRoot())
+    for path, decimals in ((heatmap_case["heatmap"], 2), (tight, 3)):
+        layer = heatmap_layer(path)
+        project.addMapLayer(layer)
+        nodes = model.layerLegendNodes(project.layerTreeRoot().findLayer(layer.id()))
+        titles = [n.data(Qt.DisplayRole) for n in nodes if isinstance(n, QgsSimpleLegendNode)]
+        assert len(titles) == 1 and "match score" in titles[0] and len(titles[0]) <= 30, titles
+
+        ramps = [n for n in nodes if isinstance(n, QgsColorRampLegendNode)]
+        assert len(ramps) == 1  # QGIS 3.22 draws one continuous bar labelled min..max
+        legend = ramps[0].settings()
+        assert legend.minimumLabel() == legend.maximumLabel() == ""  # labels follow the number format
+        renderer = layer.renderer()
+        ends = [legend.prefix() + legend.numericFormat().formatDouble(v, QgsNumericFormatContext()) + legend.suffix()
+                for v in (renderer.classificationMin(), renderer.classificationMax())]
+        assert [_decimals(e) for e in ends] == [decimals, decimals], ends
+        assert ends[0] != ends[1]
+
+        items = [label for label, _ in renderer.legendSymbologyItems()]  # the discrete legend, if switched to
+        assert len(items) >= 5 and max(_decimals(label) for label in items) == decimals, items

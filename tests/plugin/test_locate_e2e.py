@@ -135,14 +135,18 @@ def test_cancel_leaves_no_finished_looking_index_and_says_cancelled(plugin, ifac
     assert not (tmp_path / "cache" / "indexes").exists()
 
 
-def test_a_new_request_cancels_the_stale_one_and_only_its_result_is_shown(plugin, photo) -> None:
-
+def test_locate_is_disabled_while_running_and_a_scripted_request_supersedes(plugin, photo) -> None:
+    """A second click cannot silently restart (the button is off); a script calling the controller
+    supersedes the running request, and only the newest result is shown."""
     from cdikt_qgis.tasks import LocateTask
 
     _fill(plugin.dock, photo["path"], top_k=2)
     first = _start(plugin)
+    assert not plugin.dock.locate_button.isEnabled()
+    plugin.dock.locate_button.click()
+    assert plugin.controller.task is first  # the disabled button did nothing
     plugin.dock.top_k_spin.setValue(3)
-    second = _start(plugin)
+    second = plugin.controller.locate(plugin.dock.params())
     assert first is not second and first.isCanceled()
     assert wait_until(lambda: _done(first) and _done(second), 90)
     assert first.outcome == LocateTask.CANCELLED and second.outcome == LocateTask.OK, second.message
@@ -150,6 +154,46 @@ def test_a_new_request_cancels_the_stale_one_and_only_its_result_is_shown(plugin
     assert len(groups) == 1
     assert groups[0].findLayers()[0].layer().featureCount() == 3
     assert plugin.controller.last_result is second.result
+    assert plugin.dock.locate_button.isEnabled()
+
+
+def test_the_dock_shows_the_footprint_used_and_lists_candidates_to_accept(plugin, iface, photo, data_dir) -> None:
+    """With the auto footprint the scale search picks the size: the dock says which and why, lists every
+    candidate, and any of them (not only #1) can be saved as a labelled pair."""
+    from cdikt_qgis.labelling.store import LabelStore
+
+    dock = plugin.dock
+    _fill(dock, photo["path"], footprint=60.0, top_k=3)
+    dock.footprint_auto.setChecked(True)
+    task = _start(plugin)
+    assert wait_until(lambda: _done(task), 120), dock.status.text()
+    result = task.result
+    assert result.footprint_source == "scale search"
+    assert dock.footprint_used.text() == f"{result.footprint_m:g} m (scale search)"
+    assert f"footprint {result.footprint_m:g} m (scale search)" in dock.status.text()
+    table = dock.candidates_table
+    assert table.rowCount() == 3
+    assert [table.item(r, 0).text() for r in range(3)] == ["1", "2", "3"]
+    assert table.item(1, 1).text() == f"{result.candidates[1].score:.3f}" and table.item(0, 3).text() == "—"
+    assert table.item(1, 3).text().endswith(" m") and dock.selected_rank() == 1
+    table.selectRow(2)
+    assert dock.selected_rank() == 3
+    dock.model_panel.accept_button.click()
+    store = plugin.labelling.store()
+    assert isinstance(store, LabelStore) and len(store) == 1
+    from pyproj import CRS, Transformer
+
+    from model_backend.labels import ring_centre
+
+    label_set = store.labels
+    to_store = Transformer.from_crs(CRS.from_epsg(4326), CRS.from_wkt(label_set.crs_wkt), always_xy=True)
+    cx, cy = ring_centre(label_set.labels[0].ring)
+
+    def off(c) -> float:
+        x, y = to_store.transform(c.lon, c.lat)
+        return abs(x - cx) + abs(y - cy)
+
+    assert off(result.candidates[2]) < off(result.candidates[0])  # the saved footprint is #3's, not #1's
 
 
 def test_unload_cancels_a_running_task(iface, plugin, photo, tmp_path: Path) -> None:

@@ -91,13 +91,45 @@ def test_provider_offers_index_and_locate_with_help_and_defaults(provider) -> No
             assert defaults["FOOTPRINT"] == 60.0 and defaults["STRIDE"] == 0.5
     locate = registry.algorithmById("cdikt:locate")
     assert locate.parameterDefinition("TOP_K").defaultValue() == 5
-    assert locate.parameterDefinition("FOOTPRINT_FROM_EXIF").defaultValue() is False
+    assert locate.parameterDefinition("FOOTPRINT_FROM_EXIF").defaultValue() is True  # as the dock's box
 
     second = cdikt_qgis.classFactory(None)  # a second instance must not replace or remove the first's provider
     second.initProcessing()
     assert second.provider is None
     second.unload()
     assert registry.providerById("cdikt") is provider
+
+
+def test_dialog_defaults_follow_the_project_and_the_dock(provider, tmp_path) -> None:
+    """A new dialog preselects the raster to search (not our heatmap) and the labelled pairs (not the
+    Candidates layer), and "Use EXIF footprint" starts as the dock's box does."""
+    import shutil
+
+    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
+
+    from cdikt_qgis.labelling.store import LABELS_PROPERTY
+    from cdikt_qgis.settings import CdiktSettings
+
+    heat_path = tmp_path / "view_a.heatmap.tif"
+    shutil.copyfile(DATA / "colorado_hro_0.15m_nodata.tif", heat_path)
+    heat = QgsRasterLayer(str(heat_path), "Similarity")
+    ortho = QgsRasterLayer(str(RASTER), "manila")
+    candidates = QgsVectorLayer("Polygon?crs=EPSG:4326", "Candidates", "memory")
+    candidates.setCustomProperty("cdikt/geojson_path", str(tmp_path / "x.geojson"))
+    labels = QgsVectorLayer("Polygon?crs=EPSG:4326", "CDIKT labelled pairs", "memory")
+    labels.setCustomProperty(LABELS_PROPERTY, str(tmp_path / "labels.gpkg"))
+    QgsProject.instance().addMapLayers([candidates, heat, ortho, labels])  # ours first, as after a Locate
+    registry = QgsApplication.processingRegistry()
+    for alg_id in ("cdikt:locate", "cdikt:index", "cdikt:adapt"):
+        alg = registry.createAlgorithmById(alg_id)  # what a dialog does: a fresh instance, initialised now
+        assert alg.parameterDefinition("RASTER").defaultValue() == ortho.id(), alg_id
+    assert registry.createAlgorithmById("cdikt:adapt").parameterDefinition("LABELS").defaultValue() == labels.id()
+    for exif in (True, False):
+        CdiktSettings().footprint_from_exif = exif
+        alg = registry.createAlgorithmById("cdikt:locate")
+        assert alg.parameterDefinition("FOOTPRINT_FROM_EXIF").defaultValue() is exif
+    QgsProject.instance().clear()
+    assert registry.createAlgorithmById("cdikt:locate").parameterDefinition("RASTER").defaultValue() is None
 
 
 def test_index_reports_its_folder_and_tile_count_and_is_reused(provider, cache: Path) -> None:
@@ -172,6 +204,7 @@ def test_invalid_parameters_give_the_engine_one_line_message(provider, photos, t
         expected = "Photo not found"
     else:
         params["FOOTPRINT"] = 4000.0
+        params["FOOTPRINT_FROM_EXIF"] = False  # the typed size, as is (the auto search would shrink it to fit)
         if case.startswith("index"):
             alg = "cdikt:index"
     with pytest.raises(QgsProcessingException) as err:
