@@ -1,9 +1,10 @@
 # cdikt-qgis — developer entry points. Run `make help` for the list.
 #
 #   make setup     Debian packages, the venv, Python packages, default weights (idempotent, fast when done)
-#   make test      pytest on real QGIS, headless (QT_QPA_PLATFORM=offscreen)
+#   make test      every test: engine, plugin on real QGIS headless, and the QGIS desktop under xvfb-run
 #   make demo      end-to-end demo on the bundled sample; outputs under out/demo/
-#   make bench     every benchmark figure + floors, one JSON line (~13 min here; BENCH_ARGS=--quick: ~3)
+#   make bench     every benchmark figure + floors, one JSON line; fails on a failed part or unmet floor
+#                  (~13 min here; BENCH_ARGS=--quick: ~3; BENCH_ARGS=--report-only: never fails)
 #   make lint      ruff + bandit
 #   make package   dist/cdikt_qgis-<version>.zip, ready for "Install from ZIP" in QGIS
 #   make install   symlink a dev build of the plugin into the QGIS profile's plugin folder

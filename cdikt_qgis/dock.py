@@ -96,6 +96,7 @@ class LocateDock(ProgressStatus, QDockWidget):
         scroll = QScrollArea(self)
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # rows wrap to the dock's width instead
         body = QWidget(scroll)
         outer = QVBoxLayout(body)
         form = QFormLayout()
@@ -132,7 +133,7 @@ class LocateDock(ProgressStatus, QDockWidget):
         self.footprint_spin.setToolTip(
             "Ground size of the photo's short side. Also the size of the raster tiles searched."
         )
-        self.footprint_auto = QCheckBox("From EXIF / auto", body)
+        self.footprint_auto = QCheckBox("Auto", body)
         self.footprint_auto.setChecked(self.settings.footprint_from_exif)
         self.footprint_auto.setToolTip(
             "Estimate the footprint from the photo's EXIF (altitude, focal length); without EXIF, try "
@@ -151,7 +152,7 @@ class LocateDock(ProgressStatus, QDockWidget):
         self.top_k_spin.setToolTip("How many distinct candidate places to list.")
         form.addRow("Candidates", self.top_k_spin)
 
-        self.verify_check = QCheckBox("Verify footprint (local features)", body)
+        self.verify_check = QCheckBox("Verify footprint", body)
         self.verify_check.setChecked(True)
         self.verify_check.setToolTip(
             "Match local features between the photo and the raster around the best candidates to recover "
@@ -197,7 +198,10 @@ class LocateDock(ProgressStatus, QDockWidget):
         self.candidates_table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.candidates_table.setSelectionMode(QAbstractItemView.SingleSelection)
         self.candidates_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.candidates_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        header = self.candidates_table.horizontalHeader()
+        for col in range(3):
+            header.setSectionResizeMode(col, QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(3, QHeaderView.Stretch)
         self.candidates_table.setToolTip("The ranked candidates; select one and use \"This candidate is right\" "
                                          "below to save it as a labelled pair (it matters most when #1 is wrong).")
         self.candidates_table.setMinimumHeight(90)

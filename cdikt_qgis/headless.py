@@ -19,6 +19,7 @@ def start_qgis():
     """Return the process's QgsApplication, creating and initialising it if needed."""
     global _app
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    _ensure_runtime_dir()
     from qgis.core import QgsApplication
 
     existing = QgsApplication.instance()
@@ -29,6 +30,23 @@ def start_qgis():
     _app.initQgis()
     atexit.register(_exit_qgis)
     return _app
+
+
+def _ensure_runtime_dir() -> None:
+    """Give Qt a private runtime folder when the session has none (root shells, CI, cron).
+
+    Without XDG_RUNTIME_DIR Qt warns on stderr on every start; the warning is harmless but it is
+    what a user sees of `make demo`, and a clean stderr is how scripts tell success apart.
+    """
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"cdikt-runtime-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_uid == os.getuid():
+        os.chmod(path, 0o700)
+        os.environ["XDG_RUNTIME_DIR"] = path
 
 
 def _exit_qgis() -> None:

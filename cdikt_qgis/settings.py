@@ -122,7 +122,7 @@ class CdiktSettings:
 
     @property
     def footprint_from_exif(self) -> bool:
-        """Whether the dock's "From EXIF / auto" box starts ticked."""
+        """Whether the dock's "Auto" footprint box starts ticked."""
         return bool(self._store.value(PREFIX + "footprint_from_exif", True, type=bool))
 
     @footprint_from_exif.setter

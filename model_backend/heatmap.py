@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.io
 from rasterio.crs import CRS as RioCRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
@@ -116,13 +117,30 @@ def valid_cells(raster_path: str, grid: TileGrid) -> np.ndarray:
         if (ds.width, ds.height) != (grid.raster_width, grid.raster_height):
             raise ValueError(f"{raster_path} is {ds.width} x {ds.height} pixels but the tile grid was laid over "
                              f"{grid.raster_width} x {grid.raster_height}: not the searched raster")
-        if all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums):
-            return np.ones(shape, dtype=np.float32)
         # The heatmap ends at the last whole tile; float window sizes keep cells exactly on the grid.
         window = Window(0, 0, min(grid.cell_cols * grid.step_x, ds.width),
                         min(grid.cell_rows * grid.step_y, ds.height))
+        if all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums):
+            return _non_black_share(ds, window, shape)
         mask = dataset_mask(ds, window=window, out_shape=shape, resampling=Resampling.average)
     return mask.astype(np.float32) / 255.0
+
+
+SAMPLES_PER_CELL = 4
+"""Samples per cell side when an undeclared black collar is measured (nearest-neighbour reads)."""
+
+
+def _non_black_share(ds: rasterio.io.DatasetReader, window: Window, shape: tuple[int, int]) -> np.ndarray:
+    """Share of each cell that is not exactly black in every band: the undeclared collar the tile
+    reader also treats as outside coverage (reader.StripReader), measured on a sample grid."""
+    k = SAMPLES_PER_CELL
+    while k > 1 and shape[0] * shape[1] * k * k > 16_000_000:  # a few tens of MB whatever the mosaic
+        k -= 1
+    bands = list(range(1, min(ds.count, 3) + 1))
+    data = ds.read(bands, window=window, out_shape=(len(bands), shape[0] * k, shape[1] * k),
+                   resampling=Resampling.nearest)
+    valid = data.max(axis=0) > 0
+    return valid.reshape(shape[0], k, shape[1], k).mean(axis=(1, 3)).astype(np.float32)
 
 
 def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray,

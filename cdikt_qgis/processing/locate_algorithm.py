@@ -148,7 +148,7 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
         self.add_footprint_parameters("Photo footprint (m): ground size of a photo's short side")
         self.addParameter(QgsProcessingParameterBoolean(
             FROM_EXIF, "Use EXIF footprint when the photo has one (else try 0.6x / 1x / 1.6x)",
-            defaultValue=CdiktSettings().footprint_from_exif))  # as the dock's "From EXIF / auto" box
+            defaultValue=CdiktSettings().footprint_from_exif))  # as the dock's "Auto" footprint box
         self.addParameter(QgsProcessingParameterNumber(
             TOP_K, "Number of candidates per photo", QgsProcessingParameterNumber.Integer,
             defaultValue=CdiktSettings.DEFAULT_TOP_K, minValue=1, maxValue=100))

@@ -304,3 +304,23 @@ def test_band_has_a_short_meaningful_name(rasters, tmp_path):
     cols, rows = all_tiles(grid)
     with rasterio.open(write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, np.ones(cols.size))) as ds:
         assert ds.descriptions == (BAND_NAME,) == ("match score",)
+
+
+def test_cells_over_an_undeclared_black_collar_are_nodata(tmp_path):
+    """The Manila orthophoto has black corners and no nodata tag: the tile reader skips them, and
+    so must the heatmap, or it paints colour over the collar."""
+    raster = DATA / "manila_oam_0.10m.tif"
+    grid = make_grid(open_raster(raster), TilingConfig(footprint_m=20.0, stride=0.5))
+    cols, rows = all_tiles(grid)
+    out = write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, np.full(cols.size, 0.5), raster_path=str(raster))
+    from rasterio.windows import Window
+
+    with rasterio.open(raster) as src:  # black share per cell, counted on a finer grid than the engine's
+        win = Window(0, 0, grid.cell_cols * grid.step_x, grid.cell_rows * grid.step_y)
+        black = src.read(window=win, out_shape=(3, grid.cell_rows * 8, grid.cell_cols * 8)).max(axis=0) == 0
+    share_black = black.reshape(grid.cell_rows, 8, grid.cell_cols, 8).mean(axis=(1, 3))
+    with rasterio.open(out) as ds:
+        heat = ds.read(1)
+    assert (share_black > 0.8).sum() > 10  # the collar is there
+    assert np.all(heat[share_black > 0.8] == NODATA)
+    assert np.all(heat[share_black < 0.2] == np.float32(0.5))

@@ -164,6 +164,10 @@ def main() -> None:
     step("dock opened")
     REPORT["locate"] = locate(CFG["raster"], CFG["photo"])
     step("located")
+    canvas = iface.mapCanvas()  # the map as the analyst sees it: wait for the result layers to be drawn
+    canvas.refresh()
+    wait(lambda: not canvas.isDrawing(), 1.0, "canvas started")
+    wait(lambda: not canvas.isDrawing(), 20, "canvas drawn")
     dock().grab().save(str(OUT / "dock.png"))
     iface.mainWindow().grab().save(str(OUT / "window.png"))
     if CFG.get("export"):

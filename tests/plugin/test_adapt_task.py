@@ -60,6 +60,9 @@ def test_a_cancelled_adaptation_leaves_the_active_model_unchanged(iface, case: d
     panel.adapt_button.click()  # the same button cancels while running
     assert wait_until(lambda: controller.task is None, 120)
     assert task.outcome == task.CANCELLED, task.message
+    from qgis.core import QgsTask
+
+    assert task.status() == QgsTask.Complete  # not "Task failed" in QGIS's message bar
     assert "unchanged" in panel.status.text() and panel.adapt_button.text() == "Adapt model"
     assert settings.weights_path == str(active) and active.read_bytes() == original
     assert ModelRegistry(data_dir).versions() == []

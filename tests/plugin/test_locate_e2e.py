@@ -128,6 +128,8 @@ def test_cancel_leaves_no_finished_looking_index_and_says_cancelled(plugin, ifac
     plugin.dock.cancel_button.click()
     assert wait_until(lambda: _done(task), 60)
     assert task.outcome == LocateTask.CANCELLED
+    # a clean end for QGIS too: a terminated task would be announced as "Task failed"
+    assert task.status() == QgsTask.Complete and task.description().endswith("(cancelled)")
     assert plugin.dock.status.text() == "Cancelled"
     assert not plugin.dock.cancel_button.isEnabled()
     assert list(cache.glob("indexes/*/manifest.json")) == []
