@@ -5,7 +5,7 @@
 #   make demo      end-to-end demo on the bundled sample; outputs under out/demo/
 #   make bench     every benchmark figure + floors, one JSON line; fails on a failed part or unmet floor
 #                  (~13 min here; BENCH_ARGS=--quick: ~3; BENCH_ARGS=--report-only: never fails)
-#   make lint      ruff + bandit
+#   make lint      ruff + bandit + import-linter (the engine's layers)
 #   make package   dist/cdikt_qgis-<version>.zip, ready for "Install from ZIP" in QGIS
 #   make install   symlink a dev build of the plugin into the QGIS profile's plugin folder
 
@@ -66,11 +66,12 @@ BENCH_ARGS    ?=
 bench: setup
 	$(PYTHON) -m model_backend.bench $(BENCH_ARGS)
 
-# Both linters always run; the target fails if either reports a problem.
+# Every linter always runs; the target fails if any reports a problem.
 lint: setup
 	@rc=0; \
 	echo "ruff check ."; $(PYTHON) -m ruff check . || rc=1; \
 	echo "bandit $(LINT_PATHS)"; $(PYTHON) -m bandit -q -c pyproject.toml -r $(LINT_PATHS) || rc=1; \
+	echo "lint-imports (layers: pyproject.toml)"; $(VENV)/bin/lint-imports --no-cache || rc=1; \
 	exit $$rc
 
 # Zip layout: a single top-level folder cdikt_qgis/ holding the plugin package files, metadata.txt,
@@ -98,7 +99,7 @@ package:
 	tar -C $(PLUGIN) $(TAR_EXCLUDES) -cf - . | tar -C $(PKG_STAGE) -xf -
 	tar $(TAR_EXCLUDES) --exclude='$(WEIGHTS_DIR)/*' -cf - $(TOP_DIRS) | tar -C $(PKG_STAGE) -xf -
 	mkdir -p $(PKG_STAGE)/$(LIBS)
-	tar $(TAR_EXCLUDES) -cf - $(ENGINE) | tar -C $(PKG_STAGE)/$(LIBS) -xf -
+	tar $(TAR_EXCLUDES) --exclude='$(ENGINE)/bench' -cf - $(ENGINE) | tar -C $(PKG_STAGE)/$(LIBS) -xf -
 	mkdir -p $(PKG_STAGE)/$(WEIGHTS_DIR)
 	cp $(WEIGHTS_DIR)/README.md $(PKG_STAGE)/$(WEIGHTS_DIR)/
 	@if [ -f $(DEFAULT_WEIGHTS) ]; then cp $(DEFAULT_WEIGHTS) $(PKG_STAGE)/$(WEIGHTS_DIR)/; \

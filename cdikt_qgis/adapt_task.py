@@ -1,4 +1,4 @@
-"""Adapt model from QGIS: a QgsTask around `model_backend.adapt`, and the dock's model controls.
+"""Adapt model from QGIS: a QgsTask around `model_backend.learn.adapt`, and the dock's model controls.
 
 The task writes the new model under the user data folder and records it in the model registry;
 only `finished()`, on the main thread and after a successful run, makes it the active model — and
@@ -41,7 +41,7 @@ RECOMMENDED_PAIRS = 10
 
 def count_pairs(labels: Path) -> int:
     """Labelled pairs in the labels file (torch-free: the engine's label reader)."""
-    from model_backend.labels import read_labels
+    from model_backend.learn.labels import read_labels
 
     return len(read_labels(labels).labels)
 
@@ -80,8 +80,8 @@ class AdaptTask(EngineTask):
         self.params = params
 
     def work(self) -> Any:
-        from model_backend.adapt import AdaptConfig, adapt
-        from model_backend.model_versions import ModelRegistry
+        from model_backend.learn.adapt import AdaptConfig, adapt
+        from model_backend.learn.versions import ModelRegistry
 
         p = self.params
         config = AdaptConfig() if p.epochs is None else AdaptConfig(epochs=p.epochs)
@@ -168,7 +168,7 @@ class AdaptController(QObject):
         if n < RECOMMENDED_PAIRS and not self.confirm_few_pairs(n):
             self.panel.set_status(f"Not adapted: {n} labelled pairs; {RECOMMENDED_PAIRS} or more are recommended.")
             return None
-        from model_backend.model_versions import ModelRegistry
+        from model_backend.learn.versions import ModelRegistry
 
         data_dir = engine_default_data_dir()
         out = ModelRegistry(data_dir).new_path()

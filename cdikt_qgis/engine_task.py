@@ -18,7 +18,7 @@ from qgis.PyQt.QtCore import pyqtSignal
 
 log = logging.getLogger(__name__)
 
-_LIVE: set[EngineTask] = set()
+LIVE_TASKS: set[EngineTask] = set()
 """Python references to tasks until they finish: a task collected while running crashes QGIS,
 and unload() must be able to drop its own references while a cancelled task winds down."""
 
@@ -50,7 +50,7 @@ class EngineTask(QgsTask):
         self.message = ""
         self.details = ""
         self.status_text = "Queued"
-        _LIVE.add(self)
+        LIVE_TASKS.add(self)
 
     def work(self) -> Any:
         """The engine call, on the worker thread; raises the engine's errors. Returns the result."""
@@ -69,7 +69,7 @@ class EngineTask(QgsTask):
 
     def run(self) -> bool:
         try:
-            from model_backend.errors import Cancelled, CdiktError
+            from model_backend.core.errors import Cancelled, CdiktError
         except ImportError as exc:
             return self._fail_import(exc)
         try:
@@ -130,4 +130,4 @@ class EngineTask(QgsTask):
             log.exception("Error while handling the end of %s", self.description())
         finally:
             self.on_done = None
-            _LIVE.discard(self)
+            LIVE_TASKS.discard(self)

@@ -17,8 +17,10 @@ from qgis.PyQt.QtCore import QObject, Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
-from . import log as cdikt_log
+from .icons import icon_path
 from .layers import add_result_layers, export_candidates
+from .log import install as install_log
+from .log import uninstall as uninstall_log
 from .notify import Notifier
 from .settings import CdiktSettings
 from .tasks import LayerError, LocateParams, LocateTask, capture_raster
@@ -26,15 +28,6 @@ from .tasks import LayerError, LocateParams, LocateTask, capture_raster
 logger = logging.getLogger(__name__)
 MENU = "&CDIKT"
 TITLE = "CDIKT"
-
-
-def icon_path() -> str | None:
-    """resources/icon.png inside the plugin (packaged) or beside it (dev checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "resources" / "icon.png", here.parent / "resources" / "icon.png"):
-        if candidate.is_file():
-            return str(candidate)
-    return None
 
 
 class LocateController(QObject):
@@ -229,7 +222,7 @@ class CdiktPlugin:
         refuses a second provider with the same id (and owns what it is given), so only an accepted
         provider is kept: unload must never remove another instance's provider.
         """
-        cdikt_log.install()
+        install_log()
         if self.provider is not None:
             return
         from .processing import CdiktProvider
@@ -241,7 +234,7 @@ class CdiktPlugin:
             logger.warning("A Processing provider with id 'cdikt' is already registered; not adding another.")
 
     def initGui(self) -> None:  # noqa: N802 (QGIS API)
-        cdikt_log.install()
+        install_log()
         self.initProcessing()
         path = icon_path()
         icon = QIcon(path) if path else QgsApplication.getThemeIcon("/mActionZoomToArea.svg")
@@ -303,4 +296,4 @@ class CdiktPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
-        cdikt_log.uninstall()
+        uninstall_log()

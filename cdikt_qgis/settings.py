@@ -18,27 +18,21 @@ PLUGIN_DIR = Path(__file__).resolve().parent
 
 
 def engine_default_cache_dir() -> str:
-    """The cache directory the engine uses when none is given (docs/CONTRACT.md).
+    """The cache folder the engine uses when none is set (shown to the user; results go beside it).
 
-    Mirrored here only to show it to the user and to place result files next to the cache;
-    the engine itself is always called with ``cache_dir=None`` when the user set nothing.
+    The engine decides it (model_backend.core.paths, torch-free); the engine itself is always
+    called with ``cache_dir=None`` when the user set nothing.
     """
-    env = os.environ.get("CDIKT_CACHE_DIR")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return str(base / "cdikt-qgis")
+    from model_backend.core.paths import default_cache_dir
+
+    return str(default_cache_dir())
 
 
 def engine_default_data_dir() -> str:
-    """Where model versions (and labels of unsaved projects) live: model_backend.model_versions' default."""
-    env = os.environ.get("CDIKT_DATA_DIR")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return str(base / "cdikt-qgis")
+    """Where model versions (and labels of unsaved projects) live, as the engine decides."""
+    from model_backend.core.paths import default_data_dir
+
+    return str(default_data_dir())
 
 
 class CdiktSettings:
@@ -148,7 +142,7 @@ DEFAULT_MODEL_LABEL = "Embedded default model"
 def model_choices(settings: CdiktSettings) -> list[tuple[str, str | None]]:
     """(label, weights path) for the model picker: the default, every adapted version, and the
     active weights when they are a file the registry does not know (set by hand)."""
-    from model_backend.model_versions import ModelRegistry  # no torch: safe on the main thread
+    from model_backend.learn.versions import ModelRegistry  # no torch: safe on the main thread
 
     choices: list[tuple[str, str | None]] = [(DEFAULT_MODEL_LABEL, None)]
     try:
@@ -169,7 +163,7 @@ def set_active_model(settings: CdiktSettings, path: str | None) -> None:
 
 def rollback_target(settings: CdiktSettings) -> tuple[bool, str | None]:
     """(possible, weights) to roll back to: the parent of the active adapted version."""
-    from model_backend.model_versions import ModelRegistry
+    from model_backend.learn.versions import ModelRegistry
 
     active = settings.weights_path
     if not active:

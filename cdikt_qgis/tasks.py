@@ -19,7 +19,7 @@ from typing import Any
 
 from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsRasterLayer
 
-from .engine_task import _LIVE, EngineTask  # noqa: F401 (_LIVE: the tests and unload() look there)
+from .engine_task import EngineTask
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ class LocateTask(EngineTask):
         self._start = time.perf_counter()
 
     def work(self) -> Any:
-        from model_backend.config import ModelConfig, QueryConfig, TilingConfig
-        from model_backend.locate import locate_photo
+        from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
+        from model_backend.locate.pipeline import locate_photo
 
         self._start = time.perf_counter()
         os.makedirs(self.out_dir, exist_ok=True)

@@ -1,5 +1,5 @@
 """`python -m model_backend ...` — see model_backend/cli.py."""
 
-from .cli import main
+from model_backend.cli import main
 
 raise SystemExit(main())

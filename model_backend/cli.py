@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ADAPT_LOOKS, ModelConfig, QueryConfig, TilingConfig
-from .errors import Cancelled, CdiktError
+from model_backend.core.config import ADAPT_LOOKS, ModelConfig, QueryConfig, TilingConfig
+from model_backend.core.errors import Cancelled, CdiktError
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     _verbose(p)
 
-    from .training.command import add_parser as add_train_parser  # torch-free: `train` options
+    from model_backend.learn.training.command import add_parser as add_train_parser  # torch-free: `train` options
 
     add_train_parser(sub)
 
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "adapt":
             return _adapt(args)
         if args.command == "train":
-            from .training.command import run as run_train
+            from model_backend.learn.training.command import run as run_train
 
             return run_train(args)
         if args.command == "evaluate":
@@ -158,14 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _adapt(args: argparse.Namespace) -> int:
     """Prints one JSON object: the before/after validation figures, the new model and what was trained."""
-    from .labels import read_labels
+    from model_backend.learn.labels import read_labels
 
     if args.epochs is not None and args.epochs < 1:
         raise_user(f"--epochs must be at least 1, got {args.epochs}.")
     labels = read_labels(args.labels)  # a bad labels file fails before torch is imported
 
-    from .adapt import AdaptConfig, adapt
-    from .model_versions import ModelRegistry
+    from model_backend.learn.adapt import AdaptConfig, adapt
+    from model_backend.learn.versions import ModelRegistry
 
     config = AdaptConfig(seed=args.seed, look=args.look, **({"epochs": args.epochs} if args.epochs else {}))
     result = adapt(args.raster, labels, args.out, args.weights, config=config, photos=args.photos,
@@ -175,7 +175,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_layout
+    from model_backend.bench.evaluate import evaluate_layout
 
     result = evaluate_layout(args.layout, args.data, weights=args.weights, height=args.height,
                              batch_size=args.batch_size, device=args.device, progress=_progress(args.verbose))
@@ -184,18 +184,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace, model: ModelConfig) -> int:
-    from .raster import open_raster
-    from .tiling import make_grid
+    from model_backend.geo.raster import open_raster
+    from model_backend.geo.tiling import make_grid
 
     tiling = TilingConfig(footprint_m=args.footprint_m, stride=args.stride)
     make_grid(open_raster(args.raster), tiling)  # bad raster or footprint: fail before importing the model
 
-    from .distributed import env_world_size
+    from model_backend.core.dist import env_world_size
 
     if env_world_size() > 1:  # started by torchrun: this rank embeds its share, rank 0 merges
         return _index_sharded(args, tiling, model)
 
-    from .indexing import build_index
+    from model_backend.index.build import build_index
 
     idx = build_index(args.raster, tiling, model,
                       cache_dir=args.cache_dir, progress=_progress(args.verbose))
@@ -207,7 +207,7 @@ def _index(args: argparse.Namespace, model: ModelConfig) -> int:
 
 def _maybe_ann(idx, mode: str) -> str | None:
     """Build the compressed index when asked (`on`) or when the index is large enough to need it (`auto`)."""
-    from .ann import ANN_FILE, AnnConfig, ann_is_current, build_ann, min_tiles_for_ann
+    from model_backend.index.ann import ANN_FILE, AnnConfig, ann_is_current, build_ann, min_tiles_for_ann
 
     if mode == "off" or (mode == "auto" and idx.n_tiles < min_tiles_for_ann(AnnConfig.min_tiles)):
         return None
@@ -229,7 +229,8 @@ def _maybe_ann(idx, mode: str) -> str | None:
 
 
 def _index_sharded(args: argparse.Namespace, tiling: TilingConfig, model: ModelConfig) -> int:
-    from .distributed import current_shard, index_sharded, shutdown
+    from model_backend.core.dist import current_shard, shutdown
+    from model_backend.index.sharded import index_sharded
 
     try:
         idx = index_sharded(args.raster, tiling, model, cache_dir=args.cache_dir, progress=_progress(args.verbose))
@@ -244,8 +245,8 @@ def _index_sharded(args: argparse.Namespace, tiling: TilingConfig, model: ModelC
 
 
 def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
-    from .raster import open_raster
-    from .tiling import cells_per_tile, make_grid
+    from model_backend.geo.raster import open_raster
+    from model_backend.geo.tiling import cells_per_tile, make_grid
 
     # Everything checkable without the model (and without importing torch) fails first, in a second.
     if args.top_k < 1:
@@ -274,8 +275,8 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
     if not photos:
         return EXIT_USER_ERROR
 
-    from .locate import locate_photo
-    from .model import EmbeddingModel
+    from model_backend.locate.pipeline import locate_photo
+    from model_backend.nn.embedder import EmbeddingModel
 
     net = EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
     query = QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m)
@@ -316,6 +317,6 @@ def _check_photo(photo: str) -> None:
 
 
 def raise_user(message: str) -> None:
-    from .errors import InputError
+    from model_backend.core.errors import InputError
 
     raise InputError(message)

@@ -23,10 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model_backend.datasets import random_crops
-from model_backend.evaluate import sues200_sample_retrieval
-from model_backend.evaluation import synthetic_localisation
-from model_backend.model import EmbeddingModel, imagenet_weights_path
+from model_backend.bench.evaluate import sues200_sample_retrieval
+from model_backend.bench.localisation import synthetic_localisation
+from model_backend.learn.datasets import random_crops
+from model_backend.nn.embedder import EmbeddingModel
+from model_backend.nn.weights import imagenet_weights_path
 
 HELD_OUT = (("manila_oam_0.10m.tif", 40.0), ("netherlands_aerial_0.25m_epsg28992.tif", 50.0),
             ("bali_pix4d_0.35m_alpha.tif", 50.0))

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from model_backend.config import QueryConfig  # noqa: E402
-from model_backend.evaluation import ground_distance_m  # noqa: E402
-from model_backend.locate import locate_photo  # noqa: E402
+from model_backend.core.config import QueryConfig  # noqa: E402
+from model_backend.geo.geodesy import ground_distance_m  # noqa: E402
+from model_backend.locate.pipeline import locate_photo  # noqa: E402
 
 SAMPLE = ROOT / "resources" / "sample"
 RASTER = SAMPLE / "manila_oam_0.10m.tif"

@@ -187,7 +187,7 @@ missing_modules() {
 import importlib.util
 
 mods = ["torch", "torchvision", "timm", "faiss", "safetensors", "cv2", "numpy",
-        "pytest", "pytest_timeout", "ruff", "bandit", "qgis", "rasterio", "shapely", "pyproj"]
+        "pytest", "pytest_timeout", "ruff", "bandit", "importlinter", "qgis", "rasterio", "shapely", "pyproj"]
 print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 PYEOF
 }

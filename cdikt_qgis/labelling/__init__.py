@@ -33,7 +33,7 @@ def accept_candidate(store: LabelStore, photo: str, candidate: Any, crs_wkt: str
     The candidate's polygon is in the raster's CRS (`crs_wkt`); the label is stored as the schema's
     square, so a verified, slightly skewed footprint becomes the square of the same area and centre.
     """
-    from model_backend.labels import ring_centre, ring_side_m
+    from model_backend.learn.labels import ring_centre, ring_side_m
 
     ring = [(float(p[0]), float(p[1])) for p in candidate.polygon]
     cx, cy = ring_centre(ring)

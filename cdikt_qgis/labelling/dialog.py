@@ -200,7 +200,7 @@ class LabelPairsDialog(QDialog):
             self._updating = False
 
     def _prefill_from_exif(self, photo: str) -> None:
-        from model_backend.exif import read_priors  # no torch
+        from model_backend.geo.exif import read_priors  # no torch
 
         priors = read_priors(photo)
         side = priors.ground_short_side_m()
@@ -267,10 +267,10 @@ class LabelPairsDialog(QDialog):
         if i is None:
             self.status.setText("Place the photo first; Shift+click then aims its top edge.")
             return
-        from model_backend.labels import metres_per_unit
+        from model_backend.geo.geodesy import metres_per_unit
 
         def heading_to_point() -> float:
-            p = self.store._to_labels_crs(point, crs)
+            p = self.store.to_labels_crs(point, crs)
             cx, cy, _, _ = self.store.footprint(i)
             mx, my = metres_per_unit(self.store.labels.crs_wkt, cx, cy)
             return math.degrees(math.atan2((p.x() - cx) * mx, (p.y() - cy) * my)) % 360.0

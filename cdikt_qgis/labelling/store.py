@@ -1,7 +1,7 @@
 """The labels of a project: one GeoPackage, rewritten (atomically) on every edit, shown as a layer.
 
 The file is the truth, not the layer or the dialog: every edit is written at once through
-`model_backend.labels` (the schema the `adapt` command reads), so labels survive a QGIS crash, a
+`model_backend.learn.labels` (the schema the `adapt` command reads), so labels survive a QGIS crash, a
 plugin reload or a closed dialog, and a failed write (disk full, file locked) changes nothing —
 the edit is undone in memory and the old file stays whole. The file sits next to the project
 (`<project>_cdikt_labels.gpkg`), or in the user data folder while the project is unsaved.
@@ -58,7 +58,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     analyst in one line; anything else is a bug and also gets its traceback logged. A function,
     so the engine is imported only once an error is being handled.
     """
-    from model_backend.errors import CdiktError
+    from model_backend.core.errors import CdiktError
 
     return (OSError, ValueError, CdiktError, QgsCsException)
 
@@ -77,7 +77,7 @@ class LabelStore(QObject):
 
     def __init__(self, path: str | Path, project: QgsProject | None = None) -> None:
         super().__init__()
-        from model_backend.labels import WGS84_WKT, LabelSet, read_labels
+        from model_backend.learn.labels import WGS84_WKT, LabelSet, read_labels
 
         self.path = Path(path)
         self.project = project or QgsProject.instance()
@@ -143,7 +143,7 @@ class LabelStore(QObject):
         cached = self._hashes.get(p)
         if cached is not None and cached[0] == key:
             return cached[1]
-        from model_backend.labels import file_sha256
+        from model_backend.learn.labels import file_sha256
 
         try:
             digest = file_sha256(p)
@@ -179,7 +179,7 @@ class LabelStore(QObject):
 
     def footprint(self, i: int) -> tuple[float, float, float, float | None]:
         """(cx, cy, side_m, heading) of label i in the labels' CRS."""
-        from model_backend.labels import ring_centre, ring_side_m
+        from model_backend.learn.labels import ring_centre, ring_side_m
 
         lb = self.labels.labels[i]
         cx, cy = ring_centre(lb.ring)
@@ -210,7 +210,7 @@ class LabelStore(QObject):
                 lb.photo_sha256 = self.photo_hash(self.labels.photo_path(lb)) or ""
 
     def save(self) -> None:
-        from model_backend.labels import write_labels
+        from model_backend.learn.labels import write_labels
 
         write_labels(self.path, self.labels)
         layer = self.find_layer()
@@ -218,7 +218,7 @@ class LabelStore(QObject):
             layer.dataProvider().reloadData()
             layer.triggerRepaint()
 
-    def _to_labels_crs(self, point: QgsPointXY, crs: QgsCoordinateReferenceSystem) -> QgsPointXY:
+    def to_labels_crs(self, point: QgsPointXY, crs: QgsCoordinateReferenceSystem) -> QgsPointXY:
         if not crs.isValid() or crs == self.crs:
             return QgsPointXY(point)
         return QgsCoordinateTransform(crs, self.crs, self.project).transform(point)
@@ -230,12 +230,12 @@ class LabelStore(QObject):
         The first label fixes the file's CRS to `raster_crs` (the raster being labelled). A label
         found by content (the photo moved) is relinked to the photo's new path, so `adapt` finds it.
         """
-        from model_backend.labels import Label, now_iso, square_footprint
+        from model_backend.learn.labels import Label, now_iso, square_footprint
 
         def change() -> None:
             if not self.labels.labels and raster_crs is not None and raster_crs.isValid():
                 self.labels.crs_wkt = raster_crs.toWkt()
-            p = self._to_labels_crs(point, point_crs)
+            p = self.to_labels_crs(point, point_crs)
             ring = square_footprint(p.x(), p.y(), side_m, heading, self.labels.crs_wkt)
             i = self.index_of(photo)
             if i is None:
@@ -248,7 +248,8 @@ class LabelStore(QObject):
 
         self._edit(change)
         found = self.index_of(photo)
-        assert found is not None
+        if found is None:  # the edit just stored it: not finding it is a bug, never the user's input
+            raise RuntimeError(f"the label of {photo} was saved but cannot be found again")
         return found
 
     def _hash_or_raise(self, photo: str | Path) -> str:
@@ -264,7 +265,7 @@ class LabelStore(QObject):
 
         `photo`: where the analyst sees the label's photo now; a label found by content is relinked there.
         """
-        from model_backend.labels import now_iso, square_footprint
+        from model_backend.learn.labels import now_iso, square_footprint
 
         cx, cy, side, old_heading = self.footprint(i)
 

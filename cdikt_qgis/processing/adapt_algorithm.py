@@ -2,7 +2,7 @@
 
 For batch runs and models (one adaptation per area, overnight) and for scripts through
 `qgis_process run cdikt:adapt`. The labels are a polygon layer in the labels schema
-(model_backend.labels: footprint polygons with a `photo` path), e.g. the one the Label pairs
+(model_backend.learn.labels: footprint polygons with a `photo` path), e.g. the one the Label pairs
 dialog keeps; the result is a new weights file (never an overwritten one), recorded in the model
 registry so the dock's model picker lists it, and the before/after validation figure in the log.
 """
@@ -125,9 +125,9 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
         look = LOOKS[self.parameterAsEnum(parameters, LOOK, context)][0]
         bridge = EngineFeedback(feedback)
         import_engine()
-        from model_backend.adapt import AdaptConfig, adapt
-        from model_backend.errors import Cancelled
-        from model_backend.model_versions import ModelRegistry
+        from model_backend.core.errors import Cancelled
+        from model_backend.learn.adapt import AdaptConfig, adapt
+        from model_backend.learn.versions import ModelRegistry
 
         with engine_errors():
             if bridge.cancel():

@@ -69,12 +69,12 @@ class EngineInputs:
     cache_dir: str | None
 
     def tiling(self) -> Any:
-        from model_backend.config import TilingConfig
+        from model_backend.core.config import TilingConfig
 
         return TilingConfig(footprint_m=self.footprint_m, stride=self.stride)
 
     def model(self) -> Any:
-        from model_backend.config import ModelConfig
+        from model_backend.core.config import ModelConfig
 
         return ModelConfig(weights=self.weights, device=self.device)
 
@@ -117,7 +117,7 @@ def one_line(exc: BaseException) -> str:
 @contextmanager
 def engine_errors() -> Iterator[None]:
     """Turn the engine's user-facing errors (CdiktError, Cancelled included) into QgsProcessingException."""
-    from model_backend.errors import CdiktError
+    from model_backend.core.errors import CdiktError
 
     try:
         yield
@@ -130,7 +130,7 @@ def import_engine() -> None:
     try:
         import torchvision  # noqa: F401 (the model needs it; a broken install should fail here, clearly)
 
-        import model_backend.locate  # noqa: F401 (imports torch)
+        import model_backend.locate.pipeline  # noqa: F401 (imports torch)
     except ImportError as exc:
         missing = (getattr(exc, "name", "") or "").split(".")[0]
         if missing in ("torch", "torchvision", "timm"):

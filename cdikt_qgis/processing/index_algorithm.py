@@ -53,11 +53,11 @@ class BuildIndexAlgorithm(CdiktAlgorithm):
         inputs = self.inputs()
         bridge = EngineFeedback(feedback)
         import_engine()
-        from model_backend.indexing import build_index
+        from model_backend.index.build import build_index
 
         with engine_errors():
             if bridge.cancel():  # cancelled before the start: do not even load the model
-                from model_backend.errors import Cancelled
+                from model_backend.core.errors import Cancelled
 
                 raise Cancelled()
             idx = build_index(inputs.source.path, inputs.tiling(), inputs.model(), cache_dir=inputs.cache_dir,

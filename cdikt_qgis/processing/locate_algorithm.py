@@ -176,11 +176,11 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
         photos = self._photos or []
         bridge = EngineFeedback(feedback)
         import_engine()
-        from model_backend.config import QueryConfig
-        from model_backend.errors import Cancelled, CdiktError
-        from model_backend.locate import locate_photo
-        from model_backend.model import EmbeddingModel
-        from model_backend.raster import open_raster
+        from model_backend.core.config import QueryConfig
+        from model_backend.core.errors import Cancelled, CdiktError
+        from model_backend.geo.raster import open_raster
+        from model_backend.locate.pipeline import locate_photo
+        from model_backend.nn.embedder import EmbeddingModel
 
         with engine_errors():
             if bridge.cancel():  # cancelled before the start: load nothing, write nothing

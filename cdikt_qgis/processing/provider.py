@@ -30,7 +30,7 @@ class CdiktProvider(QgsProcessingProvider):
         return "CDIKT drone photo localisation"
 
     def icon(self) -> QIcon:
-        from ..plugin import icon_path  # the toolbar's icon; plugin.py is loaded already when QGIS asks
+        from ..icons import icon_path
 
         path = icon_path()
         return QIcon(path) if path else QgsApplication.getThemeIcon("/processingAlgorithm.svg")

@@ -20,7 +20,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def embedder():
-    from model_backend.model import EmbeddingModel
+    from model_backend.nn.embedder import EmbeddingModel
 
     return EmbeddingModel.load(device="cpu")
 

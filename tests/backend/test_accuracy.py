@@ -1,7 +1,7 @@
 """Localisation accuracy on semi-synthetic drone views (fixed seed): the issue's floor.
 
 Views are cut from a real orthophoto with perspective tilt up to 30°, any heading, ±20 %
-scale, colour and blur changes (model_backend.synth) and located with the production query
+scale, colour and blur changes (model_backend.learn.datasets.synth) and located with the production query
 path. `make bench` runs the same measurement over more rasters and views.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model_backend.evaluation import synthetic_localisation
+from model_backend.bench.localisation import synthetic_localisation
 
 
 def test_semi_synthetic_views_are_found(data_dir: Path, embedder, cache_dir: Path) -> None:

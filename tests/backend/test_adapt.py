@@ -4,7 +4,7 @@ The improvement test uses a strongly shifted tiny case, kept small so a real ada
 training of the last block, new model, re-index — runs in seconds: a 1.6 km crop of NAIP 2015 as
 the map, and drone views simulated from the same crop whose camera renders colours very
 differently (channels swapped, strong per-channel gamma, blur). On the real cross-year benchmark
-(model_backend.adapt_bench) the gain is noisier; see docs/adapt.md.
+(model_backend.bench.adapt) the gain is noisier; see docs/adapt.md.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from model_backend.adapt import AdaptConfig, ValidationFigure, adapt, split_holdout
-from model_backend.adapt_bench import IMAGENET, camera_look, make_labelled_photos
-from model_backend.adapt_train import TrainConfig
-from model_backend.errors import InputError
-from model_backend.labels import Label, LabelSet, read_labels, square_footprint, write_labels
-from model_backend.model_versions import ModelRegistry
+from model_backend.bench.adapt import IMAGENET, camera_look, make_labelled_photos
+from model_backend.core.errors import InputError
+from model_backend.learn.adapt import AdaptConfig, ValidationFigure, adapt, split_holdout
+from model_backend.learn.adapt.train import TrainConfig
+from model_backend.learn.labels import Label, LabelSet, read_labels, square_footprint, write_labels
+from model_backend.learn.versions import ModelRegistry
 
 pytestmark = pytest.mark.slow
 FOOTPRINT = 300.0
@@ -61,8 +61,8 @@ def data_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_holdout_split_is_seeded_and_keeps_both_sides(case: dict) -> None:
-    from model_backend.labels import resolve_labels
-    from model_backend.raster import open_raster
+    from model_backend.geo.raster import open_raster
+    from model_backend.learn.labels import resolve_labels
 
     info = open_raster(case["map"])
     a = info.affine
@@ -93,7 +93,7 @@ def test_adaptation_improves_the_held_out_figure_and_writes_a_new_version(case: 
     assert version.path == str(out) and version.parent is None and version.figures["after"]["top1"] == res.after.top1
     assert version.parent_path == str(IMAGENET)
     assert json.loads(res.json_line())["before"]["ranks"] == list(ranks_before)
-    from model_backend.model import EmbeddingModel
+    from model_backend.nn.embedder import EmbeddingModel
 
     net = EmbeddingModel.load(str(out), "cpu", runtime="torch")  # the engine loads the adapted model
     assert net.meta.architecture == "cdiktnet" and net.meta.dim == 1280
@@ -126,7 +126,7 @@ def test_bad_input_gives_one_line_and_loses_nothing(case: dict, tmp_path: Path, 
 
 
 def test_cancelled_adaptation_writes_nothing(case: dict, tmp_path: Path, cache_dir: Path) -> None:
-    from model_backend.errors import Cancelled
+    from model_backend.core.errors import Cancelled
 
     out = tmp_path / "cancelled.safetensors"
     seen: list[float] = []
@@ -151,11 +151,11 @@ def test_validation_figure_summaries() -> None:
 
 def test_cli_adapt_prints_before_and_after(case: dict, tmp_path: Path, cache_dir: Path, data_dir_env: Path,
                                            capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    import model_backend.adapt
+    import model_backend.learn.adapt
     from model_backend.cli import main
 
     tiny = replace(SMALL_TRAIN, views_per_pair=2, unlabelled_tiles=8, styled_views_per_tile=1, steps_per_epoch=3)
-    monkeypatch.setattr(model_backend.adapt, "AdaptConfig", partial(AdaptConfig, runtime="torch", rotations=2,
+    monkeypatch.setattr(model_backend.learn.adapt, "AdaptConfig", partial(AdaptConfig, runtime="torch", rotations=2,
                                                                     train=tiny))  # the CLI's, made tiny
 
     assert main(["adapt", "--raster", case["map"], "--labels", str(tmp_path / "missing.gpkg"),
@@ -172,8 +172,8 @@ def test_cli_adapt_prints_before_and_after(case: dict, tmp_path: Path, cache_dir
     assert set(doc["before"]) >= {"top1", "median_rank", "ranks"} and doc["after"]["n"] == 1
     assert doc["n_train"] == 3 and Path(doc["out"]).is_file()
     assert doc["look"] == "luminance" and "luminance only" in doc["trained_part"]
-    from model_backend.adapt import load_trainable
-    from model_backend.adapt_look import sees_luminance
+    from model_backend.learn.adapt import load_trainable
+    from model_backend.learn.adapt.look import sees_luminance
 
     assert sees_luminance(load_trainable(doc["out"]))  # the written model ignores colour
     assert ModelRegistry().versions()[0].path == doc["out"]  # recorded in $CDIKT_DATA_DIR

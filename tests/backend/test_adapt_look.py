@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_backend.adapt import load_trainable
-from model_backend.adapt_bench import IMAGENET, make_labelled_photos
-from model_backend.adapt_look import LUMA, LookChoice, choose_look, fold_luminance, sees_luminance
-from model_backend.adapt_train import sample_tile_centres
-from model_backend.cdiktnet import CDIKTNet
-from model_backend.labels import read_labels, resolve_labels
-from model_backend.raster import open_raster
+from model_backend.bench.adapt import IMAGENET, make_labelled_photos
+from model_backend.geo.raster import open_raster
+from model_backend.learn.adapt import load_trainable
+from model_backend.learn.adapt.look import LUMA, LookChoice, choose_look, fold_luminance, sees_luminance
+from model_backend.learn.adapt.train import sample_tile_centres
+from model_backend.learn.labels import read_labels, resolve_labels
+from model_backend.nn.cdiktnet import CDIKTNet
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_backend.ann import ANN_FILE, ANN_META, AnnConfig, AnnIndex, ann_for, build_ann, recall_at_k, shortlist
-from model_backend.bench_ann import augment
-from model_backend.bench_scale import real_tiles
-from model_backend.index import TileIndex
-from model_backend.query import score_tiles
+from model_backend.bench.common import augment
+from model_backend.bench.scale import real_tiles
+from model_backend.index.ann import ANN_FILE, ANN_META, AnnConfig, AnnIndex, ann_for, build_ann, recall_at_k, shortlist
+from model_backend.index.store import TileIndex
+from model_backend.locate.query import score_tiles
 
 N = 20_000
 

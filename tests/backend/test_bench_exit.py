@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from model_backend.bench import failures
-from model_backend.bench_parts import floors
+from model_backend.bench.parts import floors
+from model_backend.bench.run import failures
 
 
 def test_failed_parts_and_unmet_floors_fail_the_run_skipped_ones_do_not() -> None:

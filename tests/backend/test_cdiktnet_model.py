@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from rasterio.windows import Window
 
-from model_backend.cdiktnet import (
+from model_backend.core.errors import InputError
+from model_backend.nn.cdiktnet import (
     CDIKTNet,
     CDISLoss,
     CDISLossConfig,
@@ -30,8 +31,8 @@ from model_backend.cdiktnet import (
     save_inference_weights,
     symmetric_info_nce,
 )
-from model_backend.errors import InputError
-from model_backend.model import IMAGENET_MEAN, IMAGENET_STD, EmbeddingModel
+from model_backend.nn.embedder import EmbeddingModel
+from model_backend.nn.layers import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _normalise(images: list[np.ndarray]) -> torch.Tensor:
@@ -96,7 +97,7 @@ def test_convnext_tiny_is_the_paper_default_and_names_are_checked() -> None:
 @pytest.fixture(scope="module")
 def imagenet_embedder() -> EmbeddingModel:
     """The engine's ImageNet MobileNetV2 model (the default weights are now the trained CDIKTNet)."""
-    from model_backend.model import imagenet_weights_path
+    from model_backend.nn.weights import imagenet_weights_path
 
     return EmbeddingModel.load(str(imagenet_weights_path()), device="cpu")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_backend.cdiktnet import (
+from model_backend.nn.cdiktnet import (
     CDTSConfig,
     CDTSMemory,
     ClusterMemory,
@@ -18,7 +18,7 @@ from model_backend.cdiktnet import (
     make_pseudo_labels,
     vote_satellite_labels,
 )
-from model_backend.cdiktnet.clustering import SparseSimilarity
+from model_backend.nn.cdiktnet.clustering import SparseSimilarity
 
 
 def dense_jaccard(x: np.ndarray, k1: int, k2: int) -> np.ndarray:

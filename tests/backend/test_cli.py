@@ -19,7 +19,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from model_backend.synth import make_views, render_view, save_view
+from model_backend.learn.datasets.synth import make_views, render_view, save_view
 
 REPO = Path(__file__).resolve().parents[2]
 MANILA = "manila_oam_0.10m.tif"

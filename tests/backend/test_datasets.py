@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model_backend.datasets import (
+from model_backend.core.errors import InputError
+from model_backend.geo.raster import open_raster
+from model_backend.learn.datasets import (
     AugmentConfig,
     ImageRecord,
     LocationBatchSampler,
@@ -29,10 +31,8 @@ from model_backend.datasets import (
     write_sues200_layout,
     write_university_layout,
 )
-from model_backend.datasets.raster_pairs import crop_window
-from model_backend.errors import InputError
-from model_backend.raster import open_raster
-from model_backend.synth import ViewSpec, render_view
+from model_backend.learn.datasets.raster_pairs import crop_window
+from model_backend.learn.datasets.synth import ViewSpec, render_view
 
 RASTERS = ("manila_oam_0.10m.tif", "netherlands_aerial_0.25m_epsg28992.tif")
 SIZE = 96

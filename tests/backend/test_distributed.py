@@ -21,12 +21,14 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from model_backend.datasets import write_university_layout
-from model_backend.distributed import Shard, compare_indexes, gather_parts, init_distributed, is_main
-from model_backend.index import IndexWriter, TileIndex
-from model_backend.model import EmbeddingModel
-from model_backend.tiling import TileGrid
-from model_backend.training import load_checkpoint
+from model_backend.core.dist import Shard, init_distributed, is_main
+from model_backend.geo.tiling import TileGrid
+from model_backend.index.build import gather_parts
+from model_backend.index.sharded import compare_indexes
+from model_backend.index.store import IndexWriter, TileIndex
+from model_backend.learn.datasets import write_university_layout
+from model_backend.learn.training import load_checkpoint
+from model_backend.nn.embedder import EmbeddingModel
 
 ROOT = Path(__file__).resolve().parents[2]
 FOOTPRINT = "30"  # Manila sample (205 m a side): 12 x 12 tiles
@@ -127,7 +129,7 @@ def test_gather_parts_sends_chunks_without_shared_folder(tmp_path: Path) -> None
                        start_method="spawn")
     assert json.loads(result.read_text()) == [0, 1, 2, 3]  # rank 0 now holds rank 1's chunks 1 and 3
     writer = IndexWriter(Path(folders[0]), _grid(), chunk_rows=1)
-    with np.load(writer._part(3)) as z:
+    with np.load(writer.part_path(3)) as z:
         assert np.all(z["emb"] == 3) and np.all(z["rows"] == 3)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import rasterio
 from pyproj import CRS
 
-from model_backend.drape import drape_photo
-from model_backend.synth import ViewSpec, render_view
+from model_backend.learn.datasets.synth import ViewSpec, render_view
+from model_backend.locate.drape import drape_photo
 
 
 def test_draped_synthetic_view_matches_the_orthophoto(data_dir: Path, tmp_path: Path) -> None:

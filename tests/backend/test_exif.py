@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_backend.errors import InputError
-from model_backend.exif import PhotoPriors, _sensor_width, load_photo, read_priors, read_visloc_log
+from model_backend.core.errors import InputError
+from model_backend.geo.exif import PhotoPriors, _sensor_width, load_photo, read_priors, read_visloc_log
 
 DJI = "DJI_0061.JPG"          # Inspire 1 (FC350), Toledo OH, 2015, EXIF GPS, no XMP
 VISLOC = "uavvisloc"          # UAV-VisLoc flight 03 log and one photo (EXIF stripped by the dataset)

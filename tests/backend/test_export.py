@@ -14,11 +14,13 @@ from pyproj import CRS, Transformer
 from rasterio.crs import CRS as RioCRS
 from shapely.geometry import Polygon, shape
 
-from model_backend import export
-from model_backend.candidates import Candidate, select_candidates, tile_iou
-from model_backend.config import TilingConfig
-from model_backend.errors import InputError
-from model_backend.export import (
+from model_backend.core.config import TilingConfig
+from model_backend.core.errors import InputError
+from model_backend.geo.raster import open_raster
+from model_backend.geo.tiling import TileGrid, make_grid
+from model_backend.locate import export
+from model_backend.locate.candidates import Candidate, select_candidates, tile_iou
+from model_backend.locate.export import (
     DENSIFY,
     geojson_problems,
     polygon_is_ccw,
@@ -27,8 +29,6 @@ from model_backend.export import (
     write_geojson,
     write_gpkg,
 )
-from model_backend.raster import open_raster
-from model_backend.tiling import TileGrid, make_grid
 
 from .conftest import DATA, warp_to
 

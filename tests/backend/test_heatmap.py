@@ -11,11 +11,11 @@ import rasterio
 from pyproj import CRS
 from rasterio.crs import CRS as RioCRS
 
-from model_backend.config import TilingConfig
-from model_backend.errors import InputError
-from model_backend.heatmap import BAND_NAME, NODATA, heatmap_array, write_heatmap
-from model_backend.raster import open_raster
-from model_backend.tiling import TileGrid, make_grid
+from model_backend.core.config import TilingConfig
+from model_backend.core.errors import InputError
+from model_backend.geo.raster import open_raster
+from model_backend.geo.tiling import TileGrid, make_grid
+from model_backend.locate.heatmap import BAND_NAME, NODATA, heatmap_array, write_heatmap
 
 from .conftest import DATA, warp_to
 

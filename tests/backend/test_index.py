@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_backend import indexing
-from model_backend.config import ModelConfig, TilingConfig
-from model_backend.errors import Cancelled
-from model_backend.indexing import build_index
-from model_backend.model import EmbeddingModel
+from model_backend.core.config import ModelConfig, TilingConfig
+from model_backend.core.errors import Cancelled
+from model_backend.index import build as indexing
+from model_backend.index.build import build_index
+from model_backend.nn.embedder import EmbeddingModel
 
 TILING = TilingConfig(footprint_m=8.0)  # florida: 40 m square -> 9 x 9 tiles
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pyproj import CRS, Transformer
 
-from model_backend.errors import InputError
-from model_backend.export import geojson_problems, polygon_is_ccw
-from model_backend.labels import (
+from model_backend.core.errors import InputError
+from model_backend.geo.raster import open_raster
+from model_backend.learn.labels import (
     Label,
     LabelSet,
     read_labels,
@@ -21,7 +21,7 @@ from model_backend.labels import (
     square_footprint,
     write_labels,
 )
-from model_backend.raster import open_raster
+from model_backend.locate.export import geojson_problems, polygon_is_ccw
 
 from .conftest import CUSTOM_WKT
 

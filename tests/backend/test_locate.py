@@ -12,14 +12,14 @@ import pytest
 import rasterio
 from pyproj import CRS, Transformer
 
-from model_backend.config import QueryConfig, TilingConfig
-from model_backend.errors import Cancelled
-from model_backend.exif import read_priors
-from model_backend.heatmap import NODATA
-from model_backend.locate import LocateResult, locate_photo
-from model_backend.raster import open_raster
-from model_backend.synth import make_views, render_view, save_view
-from model_backend.tiling import make_grid
+from model_backend.core.config import QueryConfig, TilingConfig
+from model_backend.core.errors import Cancelled
+from model_backend.geo.exif import read_priors
+from model_backend.geo.raster import open_raster
+from model_backend.geo.tiling import make_grid
+from model_backend.learn.datasets.synth import make_views, render_view, save_view
+from model_backend.locate.heatmap import NODATA
+from model_backend.locate.pipeline import LocateResult, locate_photo
 
 MANILA = "manila_oam_0.10m.tif"    # 2048 px at 0.1 m: ~198 m square, black collars
 FLORIDA = "florida_neon_0.10m.tif"  # 400 px at 0.1 m: 40 m square, cheap to index at any footprint
@@ -185,8 +185,8 @@ def test_cancel_raises_and_leaves_no_finished_index(data_dir: Path, embedder, tm
 
 def test_scale_search_keeps_to_the_sizes_a_coarse_raster_can_hold(data_dir: Path) -> None:
     """At 5 m a pixel, the ladder's 36 m rung is 7 pixels across: it is skipped, not an error."""
-    from model_backend.locate import choose_footprints
-    from model_backend.tiling import MIN_TILE_PX
+    from model_backend.geo.tiling import MIN_TILE_PX
+    from model_backend.locate.pipeline import choose_footprints
 
     coarse = open_raster(str(data_dir / "naip_northdakota_5m_2015.tif"))
     photo = str(data_dir / "sues200" / sorted(p.name for p in (data_dir / "sues200").iterdir())[0])

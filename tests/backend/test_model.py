@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from rasterio.windows import Window
 
-from model_backend import model as model_mod
-from model_backend.errors import InputError
-from model_backend.model import (
+from model_backend.core.dist import resolve_device
+from model_backend.core.errors import InputError
+from model_backend.nn import embedder as model_mod
+from model_backend.nn.embedder import EmbeddingModel
+from model_backend.nn.weights import (
     DEFAULT_WEIGHTS_SHA256,
-    EmbeddingModel,
-    _read_weights,
     imagenet_weights_path,
     map_deepsort_keys,
-    resolve_device,
+    read_weights,
     sha256_file,
 )
 
@@ -53,7 +53,7 @@ def default_state() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The default file's tensors (prefixes stripped, as the loader sees them) and torchvision's targets."""
     import torchvision
 
-    state, meta = _read_weights(imagenet_weights_path())
+    state, meta = read_weights(imagenet_weights_path())
     assert meta.weights_sha256 == DEFAULT_WEIGHTS_SHA256
     return state, torchvision.models.mobilenet_v2(weights=None).features.state_dict()
 

@@ -15,8 +15,8 @@ import timm
 import torch
 from torch import nn
 
-from model_backend.errors import InputError
-from model_backend.peer_weights import fb_to_timm_convnext, load_peer_checkpoint, map_peer_state_dict
+from model_backend.core.errors import InputError
+from model_backend.nn.peer_weights import fb_to_timm_convnext, load_peer_checkpoint, map_peer_state_dict
 
 
 def convnext(num_classes: int = 0, device: str = "meta") -> nn.Module:

@@ -10,10 +10,10 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from model_backend.config import TilingConfig
-from model_backend.raster import open_raster
-from model_backend.reader import StripReader, compute_stretch
-from model_backend.tiling import make_grid
+from model_backend.core.config import TilingConfig
+from model_backend.geo.raster import open_raster
+from model_backend.geo.reader import StripReader, compute_stretch
+from model_backend.geo.tiling import make_grid
 
 
 def _all_tiles(path: Path, footprint: float, size: int = 64):
@@ -113,7 +113,7 @@ def _mosaic_vrt(src: Path, out: Path, w: int, h: int) -> None:
 
 def test_channels_first_tiles_and_uint8_batches_are_the_same_pixels(data_dir: Path) -> None:
     """Band-sequential tiles (what indexing gathers) are the HWC tiles transposed; batches keep only valid tiles."""
-    from model_backend.indexing import _batches
+    from model_backend.index.build import tile_batches
 
     path = data_dir / "bali_pix4d_0.35m_alpha.tif"  # alpha mask: some tiles dropped, filled pixels inside others
     info, grid, hwc, valid = _all_tiles(path, 40)
@@ -123,7 +123,7 @@ def test_channels_first_tiles_and_uint8_batches_are_the_same_pixels(data_dir: Pa
         chw = np.concatenate([t for _, t, _ in rows])
         assert chw.shape == (grid.n_tiles, 3, 64, 64)
         np.testing.assert_array_equal(chw, hwc.transpose(0, 3, 1, 2))
-        batches = list(_batches(rd, None, 0, grid.n_rows, 7, 0.5, raw=True))  # type: ignore[arg-type]
+        batches = list(tile_batches(rd, None, 0, grid.n_rows, 7, 0.5, raw=True))  # type: ignore[arg-type]
     assert all(b.dtype == np.uint8 and b.shape[1:] == (3, 64, 64) and len(b) <= 7 for _, _, b in batches)
     cols = np.concatenate([c for c, _, _ in batches])
     rws = np.concatenate([r for _, r, _ in batches])

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from model_backend import cli
-from model_backend.datasets import random_crops, write_university_layout
-from model_backend.errors import InputError
-from model_backend.evaluate import SUES_PHOTOS, sues200_sample_retrieval
-from model_backend.retrieval import evaluate_embeddings, metrics_from_similarity, per_query
+from model_backend.bench.evaluate import SUES_PHOTOS, sues200_sample_retrieval
+from model_backend.bench.retrieval import evaluate_embeddings, metrics_from_similarity, per_query
+from model_backend.core.errors import InputError
+from model_backend.learn.datasets import random_crops, write_university_layout
 
 REPO = Path(__file__).resolve().parents[2]
 

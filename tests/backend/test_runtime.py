@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from model_backend import runtime as rt
-from model_backend.bench_scale import real_tiles
-from model_backend.config import TilingConfig
-from model_backend.indexing import build_index, index_folder
-from model_backend.model import EmbeddingModel
-from model_backend.raster import open_raster
+from model_backend.bench.scale import real_tiles
+from model_backend.core.config import TilingConfig
+from model_backend.geo.raster import open_raster
+from model_backend.index.build import build_index, index_folder
+from model_backend.nn import runtime as rt
+from model_backend.nn.embedder import EmbeddingModel
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_missing_or_broken_runtime_falls_back_to_torch(torch_model: EmbeddingMod
 
     monkeypatch.setitem(rt.RUNNERS, "openvino", missing)
     monkeypatch.setitem(rt.RUNNERS, "onnxruntime", Wrong)
-    with caplog.at_level(logging.INFO, logger="model_backend.runtime"):
+    with caplog.at_level(logging.INFO, logger="model_backend.nn.runtime"):
         assert rt.select_runner("auto", torch_model.net, spec, torch.device("cpu")) is None
     assert "disagrees with PyTorch" in caplog.text and "Falling back to PyTorch" in caplog.text
 
@@ -190,7 +190,7 @@ def test_uint8_runner_is_none_when_the_runtime_cannot_or_disagrees(caplog: pytes
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     assert rt.uint8_runner(Plain(), mean, std, 32) is None  # type: ignore[arg-type]
-    with caplog.at_level(logging.WARNING, logger="model_backend.runtime"):
+    with caplog.at_level(logging.WARNING, logger="model_backend.nn.runtime"):
         assert rt.uint8_runner(Broken(), mean, std, 32) is None  # type: ignore[arg-type]
     assert "uint8 input unusable" in caplog.text and "disagrees" in caplog.text
 
@@ -198,7 +198,7 @@ def test_uint8_runner_is_none_when_the_runtime_cannot_or_disagrees(caplog: pytes
 def test_index_is_built_from_uint8_batches_and_matches_the_float_path(fast_model: EmbeddingModel, data_dir: Path,
                                                                        cache_dir: Path) -> None:
     """The uint8 path is taken when the runtime allows it, and gives the float path's index up to fp16 rounding."""
-    from model_backend import indexing
+    from model_backend.index import build as indexing
 
     if fast_model.runner is None:
         pytest.skip("no CPU runtime installed")

@@ -11,9 +11,9 @@ import rasterio
 from PIL import Image, ImageDraw
 from rasterio.windows import Window
 
-from model_backend.errors import InputError
-from model_backend.raster import open_raster
-from model_backend.synth import ViewSpec, make_views, random_spec, render_view, save_view
+from model_backend.core.errors import InputError
+from model_backend.geo.raster import open_raster
+from model_backend.learn.datasets.synth import ViewSpec, make_views, random_spec, render_view, save_view
 
 NL = "netherlands_aerial_0.25m_epsg28992.tif"   # RD New: map metres are ground metres to ~1e-4
 

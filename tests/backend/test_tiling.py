@@ -9,10 +9,10 @@ import pytest
 from pyproj import CRS
 from rasterio.crs import CRS as RioCRS
 
-from model_backend.config import TilingConfig
-from model_backend.errors import InputError
-from model_backend.raster import open_raster
-from model_backend.tiling import make_grid
+from model_backend.core.config import TilingConfig
+from model_backend.core.errors import InputError
+from model_backend.geo.raster import open_raster
+from model_backend.geo.tiling import make_grid
 
 from .conftest import CUSTOM_WKT, warp_to
 

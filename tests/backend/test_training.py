@@ -22,14 +22,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from model_backend.bench.evaluate import embed_images
+from model_backend.bench.retrieval import evaluate_embeddings
+from model_backend.bench.training import training_throughput
 from model_backend.cli import main
-from model_backend.datasets import write_sues200_layout, write_university_layout
-from model_backend.evaluate import embed_images
-from model_backend.model import EmbeddingModel
-from model_backend.retrieval import evaluate_embeddings
-from model_backend.training import TrainConfig, load_checkpoint, train, training_throughput
-from model_backend.training.data import raster_entries, raster_locations
-from model_backend.training.modes import initial_weights, write_inference
+from model_backend.learn.datasets import write_sues200_layout, write_university_layout
+from model_backend.learn.training import TrainConfig, load_checkpoint, train
+from model_backend.learn.training.data import raster_entries, raster_locations
+from model_backend.learn.training.modes import initial_weights, write_inference
+from model_backend.nn.embedder import EmbeddingModel
 
 REPO = Path(__file__).resolve().parents[2]
 RASTERS = ("manila_oam_0.10m.tif", "netherlands_aerial_0.25m_epsg28992.tif")
@@ -109,7 +110,7 @@ def held_out_score(weights: str | Path, root: Path, sat_dir: Path) -> dict[str, 
 def untrained(cfg: TrainConfig, path: Path) -> Path:
     """The model training starts from, saved as inference weights for the same input size."""
     name, state, _ = initial_weights(cfg)
-    from model_backend.cdiktnet import CDIKTNet
+    from model_backend.nn.cdiktnet import CDIKTNet
 
     return write_inference(CDIKTNet(name, 0, pretrained_state=state), path, SIZE)
 
@@ -315,7 +316,7 @@ def test_bad_layouts_exit_2(u1652: Path, tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_default_weights_prefer_the_shipped_cdiktnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import model_backend.model as model
+    import model_backend.nn.weights as model
 
     monkeypatch.setattr(model, "resources_dir", lambda: tmp_path)
     assert model.default_weights_path() == model.imagenet_weights_path() == tmp_path / "weights" / \

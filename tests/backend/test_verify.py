@@ -1,6 +1,6 @@
 """Geometric verification and photo priors, on real orthophotos with exactly known truth.
 
-A view rendered from the raster (model_backend.synth) has a known footprint, so the homography
+A view rendered from the raster (model_backend.learn.datasets.synth) has a known footprint, so the homography
 the verifier fits can be checked against it; wrong places are a far tile of the same raster and
 a photo of another raster. The GPS prior is tested through locate_photo with a JPEG that carries
 EXIF GPS, and the CLI flags in one subprocess run.
@@ -20,18 +20,19 @@ import pytest
 import rasterio
 from PIL import Image
 
-from model_backend.candidates import Candidate, to_wgs84
+from model_backend.bench.localisation import footprint_iou
 from model_backend.cli import build_parser
-from model_backend.config import QueryConfig
-from model_backend.evaluation import footprint_iou
-from model_backend.exif import PhotoPriors, read_priors
-from model_backend.export import geojson_problems, polygon_is_ccw, read_matches
-from model_backend.heatmap import NODATA
-from model_backend.locate import locate_photo
-from model_backend.priors import gps_disagrees, nadir_enough, north_up
-from model_backend.raster import open_raster
-from model_backend.synth import ViewSpec, render_view
-from model_backend.verify import Verifier, confidence, verify_candidates
+from model_backend.core.config import QueryConfig
+from model_backend.geo.exif import PhotoPriors, read_priors
+from model_backend.geo.geodesy import to_wgs84
+from model_backend.geo.raster import open_raster
+from model_backend.learn.datasets.synth import ViewSpec, render_view
+from model_backend.locate.candidates import Candidate
+from model_backend.locate.export import geojson_problems, polygon_is_ccw, read_matches
+from model_backend.locate.heatmap import NODATA
+from model_backend.locate.pipeline import locate_photo
+from model_backend.locate.priors import gps_disagrees, nadir_enough, north_up
+from model_backend.locate.verify import Verifier, confidence, verify_candidates
 
 REPO = Path(__file__).resolve().parents[2]
 MANILA = "manila_oam_0.10m.tif"      # EPSG:3395: map units are not ground metres there

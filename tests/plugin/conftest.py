@@ -74,12 +74,12 @@ def heatmap_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """
     import numpy as np
 
-    from model_backend.candidates import select_candidates
-    from model_backend.config import TilingConfig
-    from model_backend.export import write_geojson, write_gpkg
-    from model_backend.heatmap import write_heatmap
-    from model_backend.raster import open_raster
-    from model_backend.tiling import make_grid
+    from model_backend.core.config import TilingConfig
+    from model_backend.geo.raster import open_raster
+    from model_backend.geo.tiling import make_grid
+    from model_backend.locate.candidates import select_candidates
+    from model_backend.locate.export import write_geojson, write_gpkg
+    from model_backend.locate.heatmap import write_heatmap
 
     out = tmp_path_factory.mktemp("heatmap_case")
     raster = str(DATA / "netherlands_aerial_0.25m_epsg28992.tif")

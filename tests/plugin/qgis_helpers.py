@@ -126,7 +126,7 @@ def naip_adapt_case(tmp_path: Path, n_photos: int = 6) -> tuple[Path, Path]:
     import rasterio
     from rasterio.windows import Window
 
-    from model_backend.adapt_bench import make_labelled_photos
+    from model_backend.bench.adapt import make_labelled_photos
 
     win = Window(300, 200, 320, 320)
     paths = {}

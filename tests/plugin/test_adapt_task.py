@@ -43,8 +43,8 @@ def test_a_cancelled_adaptation_leaves_the_active_model_unchanged(iface, case: d
                                                                   tmp_path: Path) -> None:
     import shutil
 
-    from model_backend.model import default_weights_path
-    from model_backend.model_versions import ModelRegistry
+    from model_backend.learn.versions import ModelRegistry
+    from model_backend.nn.weights import default_weights_path
 
     controller, panel, settings = _controller(iface, case)
     active = tmp_path / "my_model" / default_weights_path().name  # the analyst's current model, a real one
@@ -70,10 +70,10 @@ def test_a_cancelled_adaptation_leaves_the_active_model_unchanged(iface, case: d
 
 
 def _fake_adapt(before_top1: float, after_top1: float):
-    """Stands in for model_backend.adapt.adapt: writes a file and registers it, like the real one."""
+    """Stands in for model_backend.learn.adapt.adapt: writes a file and registers it, like the real one."""
     from types import SimpleNamespace
 
-    from model_backend.adapt import ValidationFigure
+    from model_backend.learn.adapt import ValidationFigure
 
     def fake(raster, labels, out, weights=None, *, config=None, cache_dir=None, registry=None, progress=None,
              cancel=None, **_):
@@ -89,11 +89,11 @@ def _fake_adapt(before_top1: float, after_top1: float):
 
 def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface, case: dict, data_dir: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import model_backend.adapt
+    import model_backend.learn.adapt
     from cdikt_qgis.settings import DEFAULT_MODEL_LABEL
 
     controller, panel, settings = _controller(iface, case)
-    monkeypatch.setattr(model_backend.adapt, "adapt", _fake_adapt(0.25, 0.75))
+    monkeypatch.setattr(model_backend.learn.adapt, "adapt", _fake_adapt(0.25, 0.75))
     first = controller.adapt()
     assert wait_until(lambda: controller.task is None, 60)
     assert first.outcome == first.OK and settings.weights_path == first.params.out
@@ -118,7 +118,7 @@ def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface
     panel.model_combo.activated.emit(2)  # the picker chooses any version
     assert settings.weights_path == first.params.out
 
-    monkeypatch.setattr(model_backend.adapt, "adapt", _fake_adapt(0.75, 0.25))
+    monkeypatch.setattr(model_backend.learn.adapt, "adapt", _fake_adapt(0.75, 0.25))
     worse = controller.adapt()
     assert wait_until(lambda: controller.task is None, 60)
     assert worse.outcome == worse.OK and settings.weights_path == first.params.out  # not better: not activated

@@ -100,8 +100,9 @@ def test_export_without_a_result_says_so(iface, tmp_path: Path) -> None:
 def test_locate_remembers_the_last_footprint_and_top_k(iface, tmp_path: Path) -> None:
     from qgis.core import QgsProject, QgsRasterLayer
 
+    from cdikt_qgis.engine_task import LIVE_TASKS
     from cdikt_qgis.settings import CdiktSettings
-    from cdikt_qgis.tasks import _LIVE, LocateParams
+    from cdikt_qgis.tasks import LocateParams
 
     layer = QgsRasterLayer(str(DATA / "colorado_hro_0.15m_nodata.tif"), "colorado")
     QgsProject.instance().addMapLayer(layer)
@@ -109,7 +110,7 @@ def test_locate_remembers_the_last_footprint_and_top_k(iface, tmp_path: Path) ->
     # a real photo but a footprint the engine refuses: the task fails fast, the choice is still kept
     task = controller.locate(LocateParams(layer, str(DATA / "DJI_0061.JPG"), 4321.0, False, 9))
     controller.cancel()
-    assert wait_until(lambda: task not in _LIVE, 60)  # no task outlives the test
+    assert wait_until(lambda: task not in LIVE_TASKS, 60)  # no task outlives the test
     s = CdiktSettings()
     assert (s.default_footprint_m, s.footprint_from_exif, s.top_k) == (4321.0, False, 9)
 

@@ -66,7 +66,7 @@ def test_map_clicks_make_labels_in_the_raster_crs(iface, tmp_path: Path, photos:
     from pyproj import CRS, Transformer
 
     from cdikt_qgis.labelling import LabelPairsDialog, LabelStore
-    from model_backend.labels import read_labels, ring_centre, ring_side_m
+    from model_backend.learn.labels import read_labels, ring_centre, ring_side_m
 
     canvas, layer = _canvas_on_raster(iface, canvas_crs)
     store = LabelStore(tmp_path / "labels.gpkg")
@@ -151,9 +151,9 @@ def test_accept_a_locate_candidate_and_a_failed_save_loses_nothing(iface, tmp_pa
     from types import SimpleNamespace
 
     from cdikt_qgis.labelling import LabellingController, LabelStore, accept_candidate
-    from model_backend.candidates import Candidate
-    from model_backend.labels import read_labels, ring_centre, ring_side_m
-    from model_backend.raster import open_raster
+    from model_backend.geo.raster import open_raster
+    from model_backend.learn.labels import read_labels, ring_centre, ring_side_m
+    from model_backend.locate.candidates import Candidate
 
     info = open_raster(RASTER)
     x0, y0 = 488000.0, 5207000.0
@@ -173,7 +173,7 @@ def test_accept_a_locate_candidate_and_a_failed_save_loses_nothing(iface, tmp_pa
     def disk_full(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("model_backend.labels.write_labels", disk_full)
+    monkeypatch.setattr("model_backend.learn.labels.write_labels", disk_full)
     with pytest.raises(OSError):
         accept_candidate(store, str(photos / "DJI_0001.JPG"), cand, info.crs_wkt)
     assert len(store) == 1 and (tmp_path / "accepted.gpkg").read_bytes() == before
@@ -216,7 +216,7 @@ def test_a_moved_or_copied_photo_keeps_its_label(iface, tmp_path: Path, photos: 
     from qgis.core import QgsPointXY, QgsProject, QgsRasterLayer
 
     from cdikt_qgis.labelling import LabelPairsDialog, LabelStore
-    from model_backend.labels import file_sha256, read_labels, ring_side_m
+    from model_backend.learn.labels import file_sha256, read_labels, ring_side_m
 
     layer = QgsRasterLayer(str(RASTER), "naip 2015")
     QgsProject.instance().addMapLayer(layer)  # the dialog's raster box lists project layers
@@ -260,7 +260,7 @@ def _write_old_labels(path: Path, photos: list[Path]) -> None:
     """A labels GeoPackage as written before `photo_sha256` existed (fields: photo, heading, created, edited)."""
     from osgeo import ogr, osr
 
-    from model_backend.labels import square_footprint
+    from model_backend.learn.labels import square_footprint
 
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(26914)
@@ -284,7 +284,7 @@ def test_an_old_labels_file_without_hashes_stays_readable_and_gains_them(tmp_pat
     from osgeo import ogr
 
     from cdikt_qgis.labelling import LabelStore
-    from model_backend.labels import file_sha256, read_labels
+    from model_backend.learn.labels import file_sha256, read_labels
 
     old = tmp_path / "old_labels.gpkg"
     lost = photos / "DJI_0007.JPG"  # deleted long ago: it keeps its label, and no hash can be made for it
@@ -369,7 +369,7 @@ def test_bad_input_is_one_line_a_bug_also_logs_its_traceback_and_saved_labels_st
     tracebacks = [m for m in logged if m[1] == "CDIKT"]
     assert len(tracebacks) == 1 and tracebacks[0][2] == int(Qgis.Critical)
     assert tracebacks[0][0].startswith("Traceback (most recent call last)") and "AttributeError" in tracebacks[0][0]
-    assert "_to_labels_crs" in tracebacks[0][0]  # the frame that failed, for whoever fixes it
+    assert "to_labels_crs" in tracebacks[0][0]  # the frame that failed, for whoever fixes it
     assert len(controller.store()) == 1 and labels_file.read_bytes() == saved
     controller.shutdown()
 

@@ -123,7 +123,7 @@ def test_export_copies_the_engines_rfc7946_geojson(iface, heatmap_case, tmp_path
     from qgis.core import QgsVectorLayer
 
     from cdikt_qgis.layers import candidates_layer, export_candidates
-    from model_backend.export import geojson_problems
+    from model_backend.locate.export import geojson_problems
 
     out = export_candidates(_result(heatmap_case), tmp_path / "sub" / "matches")
     assert out.endswith("matches.geojson")
@@ -186,8 +186,8 @@ def test_verified_footprints_are_solid_and_unverified_tiles_dashed(qgis_app, tmp
     from qgis.core import QgsRuleBasedRenderer
 
     from cdikt_qgis.layers import candidates_layer
-    from model_backend.candidates import Candidate
-    from model_backend.export import write_gpkg
+    from model_backend.locate.candidates import Candidate
+    from model_backend.locate.export import write_gpkg
 
     ring = [(0.0, 0.0), (10.0, 0.0), (10.0, 10.0), (0.0, 10.0), (0.0, 0.0)]
     cands = [Candidate(1, 0.9, 5, 5, 0.0, 0.0, ring, verified=True, confidence=0.98, inliers=120,
@@ -255,8 +255,8 @@ def test_rank_one_label_always_shows_and_the_others_give_way(qgis_app, tmp_path:
     from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
     from cdikt_qgis.layers import BEST_LABEL_PRIORITY, candidates_layer
-    from model_backend.candidates import Candidate
-    from model_backend.export import write_gpkg
+    from model_backend.locate.candidates import Candidate
+    from model_backend.locate.export import write_gpkg
 
     ring = [(0.0, 0.0), (10.0, 0.0), (10.0, 10.0), (0.0, 10.0), (0.0, 0.0)]
     cands = [Candidate(r, 1.0 - r / 10, 5.0 + r / 10, 5.0, 0.0, 0.0, [(x + r / 10, y) for x, y in ring])
@@ -307,7 +307,7 @@ def test_heatmap_legend_is_short_and_rounded(qgis_app, heatmap_case, tmp_path: P
     from qgis.PyQt.QtCore import Qt
 
     from cdikt_qgis.layers import heatmap_layer
-    from model_backend.heatmap import write_heatmap
+    from model_backend.locate.heatmap import write_heatmap
 
     grid = heatmap_case["grid"]
     rows, cols = np.meshgrid(np.arange(grid.n_rows), np.arange(grid.n_cols), indexing="ij")

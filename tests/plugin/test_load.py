@@ -132,12 +132,13 @@ before = list(sys.path)
 import cdikt_qgis
 plugin = cdikt_qgis.classFactory(None)
 import torchvision  # torch's own deps must resolve from the env, not older Debian copies
-import model_backend.model
+import model_backend.nn.embedder
+import model_backend.core.paths
 print(json.dumps(dict(
     plugin=type(plugin).__name__, error=getattr(plugin, "error", ""),
     torch=importlib.util.find_spec("torch") is not None,
-    engine=os.path.realpath(model_backend.model.__file__),
-    resources=str(model_backend.model.resources_dir()),
+    engine=os.path.realpath(model_backend.nn.embedder.__file__),
+    resources=str(model_backend.core.paths.resources_dir()),
     added=[p for p in sys.path if p not in before],
     processing=importlib.util.find_spec("processing").origin,
     shadowed=[n for n in {ours!r} if n not in ("processing",) and importlib.util.find_spec(n) is not None],
@@ -153,7 +154,7 @@ app.exitQgis()
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["plugin"] == "CdiktPlugin", got["error"]
     assert got["torch"] is True
-    assert got["engine"] == str(ROOT / "model_backend" / "model.py")
+    assert got["engine"] == str(ROOT / "model_backend" / "nn" / "embedder.py")
     assert got["resources"] == str(ROOT / "resources")
     libs = str(plugins / "cdikt_qgis" / "libs")
     assert got["added"][0] == libs and sorted(os.listdir(libs)) == ["model_backend"]

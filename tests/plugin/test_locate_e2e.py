@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torch")
-locate = pytest.importorskip("model_backend.locate")
+locate = pytest.importorskip("model_backend.locate.pipeline")
 
 from .qgis_helpers import DATA, wait_until
 
@@ -21,8 +21,8 @@ RASTER = DATA / "manila_oam_0.10m.tif"
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from model_backend.raster import open_raster
-    from model_backend.synth import ViewSpec, render_view, save_view
+    from model_backend.geo.raster import open_raster
+    from model_backend.learn.datasets.synth import ViewSpec, render_view, save_view
 
     info = open_raster(RASTER)
     cx, cy = info.affine * (info.width * 0.4, info.height * 0.55)
@@ -57,9 +57,9 @@ def _fill(dock, photo: str, footprint: float = 60.0, top_k: int = 4) -> None:
 
 
 def _done(task) -> bool:
-    from cdikt_qgis.tasks import _LIVE
+    from cdikt_qgis.engine_task import LIVE_TASKS
 
-    return task not in _LIVE
+    return task not in LIVE_TASKS
 
 
 def _groups() -> list:
@@ -79,7 +79,7 @@ def test_locate_adds_styled_layers_and_exports_geojson(plugin, iface, photo, tmp
     from qgis.core import QgsProject, QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer
 
     from cdikt_qgis.tasks import LocateTask
-    from model_backend.export import geojson_problems
+    from model_backend.locate.export import geojson_problems
 
     dock = plugin.dock
     _fill(dock, photo["path"], top_k=4)
@@ -185,7 +185,7 @@ def test_the_dock_shows_the_footprint_used_and_lists_candidates_to_accept(plugin
     assert isinstance(store, LabelStore) and len(store) == 1
     from pyproj import CRS, Transformer
 
-    from model_backend.labels import ring_centre
+    from model_backend.learn.labels import ring_centre
 
     label_set = store.labels
     to_store = Transformer.from_crs(CRS.from_epsg(4326), CRS.from_wkt(label_set.crs_wkt), always_xy=True)

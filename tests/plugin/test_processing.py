@@ -54,7 +54,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of two simulated drone photos (with their truth sidecars, which must be ignored)."""
-    from model_backend.synth import make_views, save_view
+    from model_backend.learn.datasets.synth import make_views, save_view
 
     folder = tmp_path_factory.mktemp("photos")
     for name, view in zip(("view_a.jpg", "view_b.jpg"), make_views(str(RASTER), 2, FOOTPRINT, seed=5)):
@@ -233,8 +233,8 @@ def test_cancelled_before_start_builds_no_index(provider, photos, tmp_path, alg:
 def test_adapt_refuses_labels_that_are_not_a_labels_file_or_empty(provider, tmp_path) -> None:
     from qgis.core import QgsProcessingException, QgsProject, QgsVectorLayer
 
-    from model_backend.labels import LabelSet, write_labels
-    from model_backend.raster import open_raster
+    from model_backend.geo.raster import open_raster
+    from model_backend.learn.labels import LabelSet, write_labels
 
     empty = tmp_path / "labels.geojson"
     write_labels(empty, LabelSet([], open_raster(RASTER).crs_wkt, str(empty)))
@@ -256,14 +256,14 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
 
     from qgis.core import QgsProcessingFeedback, QgsProject, QgsVectorLayer
 
-    import model_backend.adapt
-    from model_backend.adapt import AdaptConfig
-    from model_backend.adapt_train import TrainConfig
-    from model_backend.model_versions import ModelRegistry
+    import model_backend.learn.adapt
+    from model_backend.learn.adapt import AdaptConfig
+    from model_backend.learn.adapt.train import TrainConfig
+    from model_backend.learn.versions import ModelRegistry
 
     monkeypatch.setenv("CDIKT_DATA_DIR", str(tmp_path / "data"))
     tiny = replace(TrainConfig(), views_per_pair=2, unlabelled_tiles=8, styled_views_per_tile=1, steps_per_epoch=3)
-    monkeypatch.setattr(model_backend.adapt, "AdaptConfig", partial(AdaptConfig, runtime="torch", rotations=2,
+    monkeypatch.setattr(model_backend.learn.adapt, "AdaptConfig", partial(AdaptConfig, runtime="torch", rotations=2,
                                                                     train=tiny))  # the algorithm's, made tiny
     raster, labels = naip_adapt_case(tmp_path)
     layer = QgsVectorLayer(str(labels), "labels", "ogr")

@@ -42,15 +42,6 @@ def test_settings_refuse_bad_values(qgis_app) -> None:
         s.default_footprint_m = -1
 
 
-def test_engine_default_cache_dir_matches_the_engine(qgis_app, monkeypatch, tmp_path: Path) -> None:
-    from cdikt_qgis.settings import engine_default_cache_dir
-    from model_backend.index import default_cache_dir
-
-    monkeypatch.delenv("CDIKT_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert engine_default_cache_dir() == str(default_cache_dir())
-
-
 def test_engine_logging_reaches_the_qgis_log(qgis_app) -> None:
     from qgis.core import Qgis, QgsApplication
 
@@ -65,14 +56,14 @@ def test_engine_logging_reaches_the_qgis_log(qgis_app) -> None:
     try:
         cdikt_log.install()
         cdikt_log.install()  # idempotent: one handler, not two
-        logging.getLogger("model_backend.indexing").warning("index half done")
+        logging.getLogger("model_backend.index.build").warning("index half done")
         logging.getLogger("cdikt_qgis.tasks").info("task queued")
         cdikt_log.uninstall()
         logging.getLogger("model_backend").warning("after uninstall")
     finally:
         QgsApplication.messageLog().messageReceived.disconnect(record)
     ours = [s for s in seen if s[1] == "CDIKT"]
-    assert ours == [("model_backend.indexing: index half done", "CDIKT", int(Qgis.Warning)),
+    assert ours == [("model_backend.index.build: index half done", "CDIKT", int(Qgis.Warning)),
                     ("cdikt_qgis.tasks: task queued", "CDIKT", int(Qgis.Info))]
 
 

@@ -1,0 +1,129 @@
+"""Processes of one job (torchrun) and the device each uses: generic, for indexing and training alike.
+
+torch.distributed is only initialised when torchrun says so (WORLD_SIZE > 1), so a plain run never
+opens a socket. torch is imported inside the functions: `core` stays light to import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from model_backend.core.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' (CUDA when present), 'cpu' or 'cuda[:N]'; a CUDA request without a GPU is the user's error."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no GPU is available; use --device cpu.")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a job: chunk c is ours when c % world == rank."""
+
+    rank: int = 0
+    world: int = 1
+
+    def owns(self, chunk: int) -> bool:
+        return chunk % self.world == self.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process, joining the process group when torchrun started us.
+
+    Without torchrun (WORLD_SIZE unset or 1) nothing is initialised and the answer is
+    (0, 1, device). Under torchrun each process takes GPU LOCAL_RANK with NCCL when CUDA is
+    there (and not refused by device='cpu'), else the CPU with gloo. Calling it twice is harmless.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = env_world_size()
+    if world <= 1:
+        return 0, 1, resolve_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    rank = dist.get_rank()
+    log.info("Rank %d of %d on %s (%s)", rank, dist.get_world_size(), dev, dist.get_backend())
+    return rank, dist.get_world_size(), dev
+
+
+def is_main() -> bool:
+    """True on rank 0, and in any process not started by torchrun: where logs, prints and saves belong."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def current_shard() -> Shard:
+    if not is_distributed():
+        return Shard()
+    import torch.distributed as dist
+
+    return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def barrier() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast(value: object, src: int = 0) -> object:
+    """`value` as rank `src` has it, on every rank (identity when not distributed)."""
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    """Leave the process group (torchrun expects every rank to exit cleanly)."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

@@ -1,0 +1,317 @@
+"""Few-shot adaptation: a handful of labelled pairs make the model fit the analyst's imagery.
+
+When photos and map differ strongly (another year, season or sensor), the generic model ranks the
+true place low. The analyst labels a few photos on the map; `adapt` then
+1. holds out some labelled pairs (seeded) and measures where the *current* model ranks their true
+   location among the raster's tiles, with the production query path (index, rotation search,
+   candidates) — the "before" figure;
+2. fine-tunes from the current model: CDIS (symmetric InfoNCE, `CDISLoss`) on the remaining pairs
+   (photo ↔ raster crop at its footprint, or at a part of it) and on unlabelled tiles dressed in the
+   photos' colours, and CDTS (`make_pseudo_labels` + `CDTSMemory`, dual path, the labelled pairs as
+   fixed anchors) on unlabelled raster tiles and on unlabelled photos if any, while an anchor term
+   keeps the tiles' embeddings near where they were (see adapt_train); on CPU only a light part is
+   trained (see `adapt_data.split_backbone`), everything below it runs once per view;
+3. writes a NEW weights file (never overwriting one), re-indexes the raster with it and measures
+   the same held-out pairs again — the "after" figure — and records the version in the registry.
+Cancelling at any point writes nothing: the model in use stays what it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_backend.core.config import TilingConfig
+from model_backend.core.errors import Cancelled, InputError
+from model_backend.geo.exif import load_photo, read_priors
+from model_backend.geo.geodesy import ground_distance_m
+from model_backend.geo.raster import open_raster
+from model_backend.index.build import CancelFn, ProgressFn, build_index
+from model_backend.learn.adapt.data import ViewAugment
+from model_backend.learn.adapt.look import LOOKS, LookChoice, choose_look, fold_luminance, sees_luminance
+from model_backend.learn.adapt.train import TrainConfig, build_views, sample_tile_centres, train_head
+from model_backend.learn.labels import LabelSet, ResolvedLabel, read_labels, resolve_labels
+from model_backend.learn.versions import ModelRegistry
+from model_backend.locate.candidates import select_candidates
+from model_backend.locate.priors import north_up
+from model_backend.locate.query import embed_photo, score_tiles
+from model_backend.nn.cdiktnet import CDIKTNet, save_inference_weights
+from model_backend.nn.embedder import EmbeddingModel
+from model_backend.nn.weights import default_weights_path, read_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Everything that decides an adaptation run; recorded in the result and the registry."""
+
+    epochs: int = 6
+    holdout: float = 0.3
+    """Share of the labelled pairs kept out of training to measure the model (at least 1, at most all but 1)."""
+    holdout_count: int | None = None
+    """Exact number held out instead of `holdout` (benchmarks)."""
+    seed: int = 0
+    footprint_m: float | None = None
+    """Tile footprint of the validation index; None = the labels' median ground size."""
+    rotations: int = 8
+    max_rank: int = 50
+    """Ranks are counted among this many distinct candidates; a true place not among them gets max_rank + 1."""
+    look: str = "auto"
+    """'colour', 'luminance' (the adapted model ignores colour, see adapt_look) or 'auto': whichever ranks
+    the training pairs better."""
+    runtime: str = "auto"
+    """Inference engine for indexing and queries (model.ModelConfig.runtime); 'torch' skips the export."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: ViewAugment = field(default_factory=ViewAugment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ValidationFigure:
+    """Where the model ranks the true place of each held-out labelled photo (1 = best candidate)."""
+
+    ranks: list[int]
+    max_rank: int
+
+    @property
+    def n(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def top1(self) -> float:
+        return float(np.mean([r == 1 for r in self.ranks])) if self.ranks else 0.0
+
+    @property
+    def top5(self) -> float:
+        return float(np.mean([r <= 5 for r in self.ranks])) if self.ranks else 0.0
+
+    @property
+    def median_rank(self) -> float:
+        return float(np.median(self.ranks)) if self.ranks else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "top1": round(self.top1, 4), "top5": round(self.top5, 4),
+                "median_rank": self.median_rank, "ranks": list(self.ranks), "max_rank": self.max_rank}
+
+    def better_or_equal(self, other: ValidationFigure) -> bool:
+        """Top-1 first, median rank as the tie-break: what an analyst sees first is #1."""
+        return (self.top1, -self.median_rank) >= (other.top1, -other.median_rank)
+
+
+@dataclass
+class AdaptResult:
+    out: str
+    parent_weights: str | None
+    before: ValidationFigure
+    after: ValidationFigure
+    trained_part: str
+    n_train: int
+    held_out: list[str]
+    footprint_m: float
+    seconds: float
+    cpu_seconds: float
+    index_dir: str
+    config: AdaptConfig
+    look: LookChoice = field(default_factory=lambda: LookChoice("colour", {}))
+    version_id: str | None = None
+    log: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def improved(self) -> bool:
+        return self.after.better_or_equal(self.before) and (self.after.top1, -self.after.median_rank) != \
+            (self.before.top1, -self.before.median_rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "parent_weights": self.parent_weights, "version": self.version_id,
+                "before": self.before.to_dict(), "after": self.after.to_dict(), "improved": self.improved,
+                "trained_part": self.trained_part, "look": self.look.look, "look_scores": self.look.scores,
+                "n_train": self.n_train, "n_holdout": len(self.held_out),
+                "held_out": self.held_out, "footprint_m": round(self.footprint_m, 2),
+                "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
+                "index": self.index_dir, "epochs": self.config.epochs, "seed": self.config.seed}
+
+    def json_line(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+def _stage(progress: ProgressFn | None, lo: float, hi: float) -> ProgressFn:
+    def report(f: float, msg: str) -> None:
+        if progress:
+            progress(lo + (hi - lo) * min(max(f, 0.0), 1.0), msg)
+    return report
+
+
+def _check_cancel(cancel: CancelFn | None) -> None:
+    if cancel and cancel():
+        raise Cancelled("Adaptation cancelled; nothing was written and the active model is unchanged.")
+
+
+def split_holdout(labels: list[ResolvedLabel], config: AdaptConfig) -> tuple[list[ResolvedLabel], list[ResolvedLabel]]:
+    """(train, held out), drawn with the config's seed; needs at least two labels."""
+    n = len(labels)
+    if n < 2:
+        raise InputError(f"Adaptation needs at least 2 labelled pairs (one to train on, one to check it); "
+                         f"there {'is' if n == 1 else 'are'} {n}. Label more photos.")
+    k = config.holdout_count if config.holdout_count is not None else round(n * config.holdout)
+    k = min(max(int(k), 1), n - 1)
+    order = np.random.default_rng(config.seed).permutation(n)
+    held = sorted(order[:k].tolist())
+    return [labels[i] for i in range(n) if i not in held], [labels[i] for i in held]
+
+
+def validation_figure(raster: str, labels: list[ResolvedLabel], net: EmbeddingModel, tiling: TilingConfig,
+                      config: AdaptConfig, *, cache_dir: str | None = None, progress: ProgressFn | None = None,
+                      cancel: CancelFn | None = None) -> tuple[ValidationFigure, str]:
+    """Rank of each photo's true place against the raster's tile index, as `locate` would query it.
+
+    The index is built (or reused) exactly as locate builds it; a photo with a heading in its EXIF
+    is queried north-up once, any other at `rotations` headings; candidates are distinct places
+    (NMS), and a candidate is the true place when its centre lies within one footprint of the label's.
+    """
+    idx = build_index(raster, tiling, cache_dir=cache_dir, embedder=net, cancel=cancel,
+                      progress=_stage(progress, 0.0, 0.8))
+    ranks = []
+    for i, lb in enumerate(labels):
+        _check_cancel(cancel)
+        image = load_photo(str(lb.photo))
+        yaw = read_priors(str(lb.photo)).yaw_deg
+        q = embed_photo(net, north_up(image, yaw), 1) if yaw is not None else embed_photo(net, image, config.rotations)
+        scores, _ = score_tiles(idx, q)
+        cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, config.max_rank, 0.1)
+        if cands:
+            d = ground_distance_m(idx.grid.crs_wkt, np.array([c.x for c in cands]), np.array([c.y for c in cands]),
+                                  np.full(len(cands), lb.cx), np.full(len(cands), lb.cy))
+            hit = np.flatnonzero(d <= lb.side_m)
+            ranks.append(int(hit[0]) + 1 if hit.size else config.max_rank + 1)
+        else:
+            ranks.append(config.max_rank + 1)
+        if progress:
+            progress(0.8 + 0.2 * (i + 1) / len(labels), f"Checked {i + 1} of {len(labels)} held-out photos")
+    return ValidationFigure(ranks, config.max_rank), str(idx.folder)
+
+
+def _check_out(out: str) -> Path:
+    p = Path(out).expanduser().absolute()
+    if p.exists():
+        raise InputError(f"{p} already exists; adaptation never overwrites a model. Choose a new --out file.")
+    if p.suffix.lower() != ".safetensors":
+        raise InputError(f"{p.name}: the adapted model is saved as .safetensors; give --out a .safetensors name.")
+    if not p.parent.is_dir():
+        raise InputError(f"Output folder {p.parent} does not exist; create it or choose another --out.")
+    if not os.access(p.parent, os.W_OK):
+        raise InputError(f"Cannot write in {p.parent}; choose another --out.")
+    return p
+
+
+def load_trainable(weights: str | None) -> CDIKTNet:
+    """The active model as a CDIKTNet (no heads): the engine's default MobileNetV2 or a trained CDIKTNet file."""
+    path = Path(weights) if weights else default_weights_path()
+    if not path.is_file():
+        raise InputError(f"Weights file not found: {path}. Check --weights.")
+    state, meta = read_weights(path)
+    if meta.architecture == "cdiktnet":
+        return CDIKTNet(meta.backbone, 0, state, pooling=meta.pooling)
+    return CDIKTNet("mobilenet_v2", 0, state, pooling=meta.pooling)
+
+
+def _apply_look(model: CDIKTNet, raster: str, train: list[ResolvedLabel], config: AdaptConfig,
+                crs_wkt: str) -> LookChoice:
+    """Decide (or take) the look and fold it into `model`; an inherited luminance look stays."""
+    if config.look not in LOOKS:
+        raise InputError(f"Unknown look {config.look!r}; use one of {', '.join(LOOKS)}.")
+    if sees_luminance(model):
+        return LookChoice("luminance", {}, inherited=True)
+    if config.look == "auto":
+        side = float(np.median([lb.side_m for lb in train]))
+        rng = np.random.default_rng([config.seed, 3])
+        choice = choose_look(model, raster, train, sample_tile_centres(raster, side, 100, rng), crs_wkt,
+                             config.rotations)
+    else:
+        choice = LookChoice(config.look, {})
+    if choice.look == "luminance":
+        fold_luminance(model)
+    return choice
+
+
+def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = None, *,
+          config: AdaptConfig = AdaptConfig(), photos: list[str] | None = None, cache_dir: str | None = None,
+          registry: ModelRegistry | None = None, threads: int | None = None,
+          progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> AdaptResult:
+    """Fine-tune `weights` (None: the embedded default) on the labelled pairs; write the new model to `out`.
+
+    `photos`: unlabelled photos of the same area for CDTS. `registry`: where the new version is
+    recorded (None: not recorded). Raises InputError for unusable input (before any training),
+    Cancelled when `cancel()` turns true (nothing written).
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    if progress:
+        progress(0.0, "Checking the labelled pairs")
+    out_path = _check_out(out)
+    info = open_raster(raster)
+    label_set = labels if isinstance(labels, LabelSet) else read_labels(labels)
+    a = info.affine
+    xs, ys = (a.c, a.c + a.a * info.width), (a.f, a.f + a.e * info.height)
+    bounds = (min(xs), min(ys), max(xs), max(ys))
+    resolved = resolve_labels(label_set, info.crs_wkt, bounds, Path(raster).name)
+    train, held = split_holdout(resolved, config)
+    footprint = config.footprint_m or round(float(np.median([lb.side_m for lb in resolved])), 1)
+    tiling = TilingConfig(footprint_m=footprint)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+
+    _check_cancel(cancel)
+    before_net = EmbeddingModel.load(weights, "cpu", threads, config.runtime)
+    _check_cancel(cancel)
+    before, _ = validation_figure(raster, held, before_net, tiling, config, cache_dir=cache_dir, cancel=cancel,
+                                  progress=_stage(progress, 0.0, 0.2))
+    log.info("Before adaptation: %s", before.to_dict())
+
+    model = load_trainable(weights).eval()
+    look = _apply_look(model, raster, train, config, info.crs_wkt)
+    _check_cancel(cancel)
+    views = build_views(model, raster, train, photos or [], config.train, config.augment, config.seed,
+                        before_net, progress=_stage(progress, 0.2, 0.45), cancel=cancel)
+    history = train_head(views, model, config.train, config.epochs, config.seed,
+                         progress=_stage(progress, 0.45, 0.8), cancel=cancel)
+    _check_cancel(cancel)
+
+    tmp = out_path.with_name(f".{out_path.stem}.partial.safetensors")
+    try:
+        save_inference_weights(model, tmp)
+        after_net = EmbeddingModel.load(str(tmp), "cpu", threads, config.runtime)
+        after, index_dir = validation_figure(raster, held, after_net, tiling, config, cache_dir=cache_dir,
+                                             cancel=cancel, progress=_stage(progress, 0.8, 1.0))
+        _check_cancel(cancel)
+        if out_path.exists():
+            raise InputError(f"{out_path} appeared while adapting; adaptation never overwrites a model.")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("After adaptation: %s", after.to_dict())
+    result = AdaptResult(
+        out=str(out_path), parent_weights=str(Path(weights).absolute()) if weights else None, before=before,
+        after=after, trained_part=f"{views.trained_part}; {look.describe()}", n_train=len(train),
+        held_out=[lb.photo.name for lb in held],
+        footprint_m=footprint, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
+        index_dir=index_dir, config=config, look=look, log=history)
+    if registry is not None:
+        kept = ("before", "after", "trained_part", "look", "n_train", "n_holdout", "footprint_m", "epochs", "seed")
+        figures = {k: v for k, v in result.to_dict().items() if k in kept}
+        figures["raster"] = Path(raster).name
+        result.version_id = registry.add(out_path, result.parent_weights, figures).id
+    if progress:
+        progress(1.0, f"Adapted: top-1 {100 * before.top1:.0f} % → {100 * after.top1:.0f} % on {after.n} "
+                      f"held-out photos")
+    return result

@@ -1,0 +1,151 @@
+"""The similarity heatmap: every tile's score spread over the cells it covers, then averaged.
+
+The grid steps by exactly 1/k of a tile, so each tile covers a whole k x k block of heatmap
+cells and a cell's value is the plain mean of the tiles over it: no interpolation, no padding,
+and the heatmap's origin is the raster's origin (a peer plugin shifted its output by the
+padding it added). Cells no kept tile covers (under skipped nodata tiles, or unscored) are
+nodata, never zero, so "no data" cannot be read as "poor match" and a mean never divides by
+zero. The heatmap ends where the last whole tile ends, so a strip narrower than one step at
+the raster's right and bottom edges lies outside it.
+
+A kept tile may still reach over the raster's own nodata (an orthomosaic's ragged border): the
+cells of such a tile that lie mostly on nodata are nodata too when the raster is given, so the
+heatmap never paints colour over an area that has no imagery to match.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.io
+from rasterio.crs import CRS as RioCRS
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.windows import Window
+
+from model_backend.core.atomic import atomic_path
+from model_backend.geo.raster import dataset_mask
+from model_backend.geo.tiling import TileGrid, clean_scores
+
+NODATA = -9999.0
+"""Nodata of the written GeoTIFF: outside cosine similarity's [-1, 1] and safe in every GIS
+(NaN as nodata still trips some tools' equality tests)."""
+
+BAND_NAME = "match score"
+"""Band description of the heatmap: QGIS shows it in the legend and the identify panel, where a
+longer phrase is cut off (the full definition is in this module's docstring)."""
+
+MIN_VALID_SHARE = 0.5
+"""A cell keeps its score only if at least this share of its area is valid raster data."""
+
+_TILE_ABOVE = 512
+"""Write internal 256 x 256 blocks once a side exceeds this; smaller heatmaps stay striped."""
+
+
+def heatmap_array(grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray,
+                  fill: float = np.nan) -> np.ndarray:
+    """Overlap-averaged scores, shape (grid.cell_rows, grid.cell_cols), float32; `fill` where uncovered.
+
+    Scores are first binned onto the tile lattice (one bincount), then each tile's value is
+    spread over its k x k cells by 2k shifted slice additions (separable box sum). That costs
+    O(k * cells) whatever the tile count, is exact for any k (no cumulative-sum round-off, so
+    equal means compare equal), and handles 10^6 tiles in well under a second. A (col, row)
+    given twice counts as two samples of that tile.
+    """
+    cols, rows, scores = clean_scores(grid, cols, rows, scores)
+    k = grid.cells_per_tile
+    n_cols, n_rows = grid.n_cols, grid.n_rows
+    flat = rows * n_cols + cols
+    tile_sum = np.bincount(flat, weights=scores, minlength=n_rows * n_cols).reshape(n_rows, n_cols)
+    tile_cnt = np.bincount(flat, minlength=n_rows * n_cols).reshape(n_rows, n_cols)
+    cell_sum = _box_spread(tile_sum, k)
+    cell_cnt = _box_spread(tile_cnt.astype(np.int64), k)
+    out = np.full(cell_sum.shape, fill, dtype=np.float32)
+    covered = cell_cnt > 0
+    out[covered] = (cell_sum[covered] / cell_cnt[covered]).astype(np.float32)
+    return out
+
+
+def _box_spread(tiles: np.ndarray, k: int) -> np.ndarray:
+    """Sum each tile's value into cells [row, row+k) x [col, col+k): shape grows by k-1 each way."""
+    n_rows, n_cols = tiles.shape
+    wide = np.zeros((n_rows, n_cols + k - 1), dtype=tiles.dtype)
+    for dx in range(k):
+        wide[:, dx:dx + n_cols] += tiles
+    out = np.zeros((n_rows + k - 1, n_cols + k - 1), dtype=tiles.dtype)
+    for dy in range(k):
+        out[dy:dy + n_rows, :] += wide
+    return out
+
+
+def valid_cells(raster_path: str, grid: TileGrid) -> np.ndarray:
+    """Share of each heatmap cell's area that is valid data in the raster, shape (cell_rows, cell_cols).
+
+    The raster's dataset mask (nodata, alpha or mask band, whatever GDAL honours) is read once,
+    averaged straight down to the heatmap's grid by GDAL, so a mosaic of any size costs one
+    decimated read and never a full-resolution mask in memory. A raster without any mask is all
+    valid and is not read at all.
+    """
+    shape = (grid.cell_rows, grid.cell_cols)
+    with rasterio.open(raster_path) as ds:
+        if (ds.width, ds.height) != (grid.raster_width, grid.raster_height):
+            raise ValueError(f"{raster_path} is {ds.width} x {ds.height} pixels but the tile grid was laid over "
+                             f"{grid.raster_width} x {grid.raster_height}: not the searched raster")
+        # The heatmap ends at the last whole tile; float window sizes keep cells exactly on the grid.
+        window = Window(0, 0, min(grid.cell_cols * grid.step_x, ds.width),
+                        min(grid.cell_rows * grid.step_y, ds.height))
+        if all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums):
+            return _non_black_share(ds, window, shape)
+        mask = dataset_mask(ds, window=window, out_shape=shape, resampling=Resampling.average)
+    return mask.astype(np.float32) / 255.0
+
+
+SAMPLES_PER_CELL = 4
+"""Samples per cell side when an undeclared black collar is measured (nearest-neighbour reads)."""
+
+
+def _non_black_share(ds: rasterio.io.DatasetReader, window: Window, shape: tuple[int, int]) -> np.ndarray:
+    """Share of each cell that is not exactly black in every band: the undeclared collar the tile
+    reader also treats as outside coverage (reader.StripReader), measured on a sample grid."""
+    k = SAMPLES_PER_CELL
+    while k > 1 and shape[0] * shape[1] * k * k > 16_000_000:  # a few tens of MB whatever the mosaic
+        k -= 1
+    bands = list(range(1, min(ds.count, 3) + 1))
+    data = ds.read(bands, window=window, out_shape=(len(bands), shape[0] * k, shape[1] * k),
+                   resampling=Resampling.nearest)
+    valid = data.max(axis=0) > 0
+    return valid.reshape(shape[0], k, shape[1], k).mean(axis=(1, 3)).astype(np.float32)
+
+
+def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray,
+                  raster_path: str | None = None) -> str:
+    """Write the heatmap as a single-band Float32 GeoTIFF in the raster's CRS; return the path.
+
+    The CRS goes in as the raster's WKT, never via an EPSG code (custom CRSs would be lost or
+    silently swapped), and the transform is the grid's cell transform, which starts at the
+    raster's origin. The file appears complete or not at all (temp file + rename), so a crash
+    or a full disk never leaves QGIS a truncated layer under the final name. Returns the
+    absolute path.
+
+    With ``raster_path`` (the searched raster), cells less than half covered by its valid data
+    are nodata: a tile kept for its valid part would otherwise colour the nodata beside it.
+    """
+    data = heatmap_array(grid, cols, rows, scores, fill=NODATA)
+    if raster_path is not None:
+        data[valid_cells(raster_path, grid) < MIN_VALID_SHARE] = NODATA
+    height, width = data.shape
+    profile: dict = {
+        "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "float32",
+        "crs": RioCRS.from_wkt(grid.crs_wkt), "transform": grid.cell_transform, "nodata": NODATA,
+        "compress": "deflate", "predictor": 3, "zlevel": 6,
+    }
+    if max(width, height) > _TILE_ABOVE:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    n_kept = int(np.isfinite(np.asarray(scores, dtype=np.float64)).sum())
+    with atomic_path(path, sidecars=(".aux.xml",)) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data, 1)
+        dst.set_band_description(1, BAND_NAME)
+        dst.update_tags(cdikt_kind="similarity_heatmap", cells_per_tile=str(grid.cells_per_tile),
+                        footprint_m=f"{grid.footprint_m:g}", tiles=str(n_kept))
+    return str(Path(path).absolute())

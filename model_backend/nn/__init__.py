@@ -1,0 +1,2 @@
+"""The networks: weights to embeddings (EmbeddingModel), CPU runtimes, CDIKTNet's parts, peer weights.
+Imports `core` and `geo`."""
