@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -307,13 +306,12 @@ def export_candidates(layer_or_result: Any, path: str | os.PathLike[str]) -> str
     if dest.suffix.lower() not in (".geojson", ".json"):
         dest = dest.with_suffix(".geojson")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
-    os.close(fd)
+    from model_backend.core.atomic import atomic_path  # torch-free
+    from model_backend.core.errors import InputError
+
     try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(source, tmp)
+    except InputError as exc:  # the folder cannot be written: the caller's one-line message
+        raise OSError(str(exc)) from None
     return str(dest)

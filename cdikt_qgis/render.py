@@ -86,13 +86,9 @@ def render_png(raster_path: str, heatmap_path: str | None, matches_path: str | N
         if errors:
             raise RuntimeError("Rendering failed: " + "; ".join(f"{e.layerID}: {e.message}" for e in errors))
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=str(out.parent))
-        os.close(fd)
-        try:
+        from model_backend.core.atomic import atomic_path  # torch-free
+
+        with atomic_path(out) as tmp:
             if not image.save(tmp, "PNG"):
                 raise OSError(f"Could not write {out}")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return str(out)

@@ -300,7 +300,7 @@ PARTS = ("speed", "query", "photo", "accuracy", *SCALE_PARTS, "training", "gpu",
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m model_backend.bench.run", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m model_backend.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run: smaller mosaic and sets, fewer views, no {', '.join(QUICK_SKIPS)} (~3 minutes)")
     ap.add_argument("--json-only", action="store_true", help="print only the final JSON line")

@@ -19,14 +19,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model_backend.core.atomic import atomic_write_bytes
+from model_backend.core.atomic import atomic_path, atomic_write_bytes
 from model_backend.index.store import TileIndex
 
 log = logging.getLogger(__name__)
@@ -105,13 +104,8 @@ def build_ann(index: TileIndex, config: AnnConfig = AnnConfig(), chunk: int = 65
     finally:
         faiss.omp_set_num_threads(threads)
     folder = Path(index.folder)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ann.", suffix=".faiss")
-    os.close(fd)
-    try:
+    with atomic_path(folder / ANN_FILE) as tmp:
         faiss.write_index(ivf, tmp)
-        os.replace(tmp, folder / ANN_FILE)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     meta = {"format": ANN_FORMAT, "n_tiles": int(n), "dim": int(dim), "nlist": int(nlist), "train": int(n_train),
             "config": config.to_dict(), "index_finished": index.manifest.get("finished")}
     atomic_write_bytes(folder / ANN_META, json.dumps(meta, indent=1).encode())

@@ -24,7 +24,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model_backend.core.atomic import atomic_path, atomic_save_npy
 from model_backend.core.paths import runtimes_dir
 
 log = logging.getLogger(__name__)
@@ -108,25 +108,20 @@ def export_onnx(net: nn.Module, spec: RuntimeSpec, folder: Path | None = None) -
     net = net.eval()
     with torch.inference_mode():
         ref = net(probe_batch(spec.input_size).to(next(net.parameters()).device)).float().cpu().numpy()
-    from model_backend.core.atomic import atomic_save_npy
-
     atomic_save_npy(probe_path(path), ref)
     example = torch.zeros(2, 3, spec.input_size, spec.input_size)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=".onnx")
-    os.close(fd)
     errors = []
     try:
-        for dynamo in (True, False):
-            try:
-                _export(net, example, tmp, spec.opset, dynamo)
-                break
-            except Exception as exc:  # ImportError (no onnxscript), export errors: try the other exporter
-                errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {exc}"[:300])
-        else:
-            raise RuntimeError("ONNX export failed; " + " | ".join(errors))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            for dynamo in (True, False):
+                try:
+                    _export(net, example, tmp, spec.opset, dynamo)
+                    break
+                except Exception as exc:  # ImportError (no onnxscript), export errors: try the other exporter
+                    errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {exc}"[:300])
+            else:
+                raise RuntimeError("ONNX export failed; " + " | ".join(errors))
     finally:
-        Path(tmp).unlink(missing_ok=True)
         net.train(was_training)
     log.info("Exported the model to %s", path)
     return path

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model_backend.core.atomic import atomic_path
 from model_backend.core.config import TilingConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.geo.exif import load_photo, read_priors
@@ -287,8 +288,7 @@ def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = N
                          progress=_stage(progress, 0.45, 0.8), cancel=cancel)
     _check_cancel(cancel)
 
-    tmp = out_path.with_name(f".{out_path.stem}.partial.safetensors")
-    try:
+    with atomic_path(out_path) as tmp:  # published only when measured, not cancelled, and still new
         save_inference_weights(model, tmp)
         after_net = EmbeddingModel.load(str(tmp), "cpu", threads, config.runtime)
         after, index_dir = validation_figure(raster, held, after_net, tiling, config, cache_dir=cache_dir,
@@ -296,9 +296,6 @@ def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = N
         _check_cancel(cancel)
         if out_path.exists():
             raise InputError(f"{out_path} appeared while adapting; adaptation never overwrites a model.")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("After adaptation: %s", after.to_dict())
     result = AdaptResult(
         out=str(out_path), parent_weights=str(Path(weights).absolute()) if weights else None, before=before,

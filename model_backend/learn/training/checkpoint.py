@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from model_backend.core.atomic import atomic_path
 from model_backend.core.errors import InputError
 
 FORMAT = "cdikt-train-1"
@@ -61,16 +61,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Atomic write: temp file in the same folder, flushed, then renamed over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -83,12 +77,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{Path(path).name} is not a cdikt training checkpoint (FILE.ckpt.pt written by train).")
     return ckpt
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temp file over `final` with the permissions a plain open() would have given
-    (mkstemp makes files private: 0600), so a shipped model is readable by the QGIS user."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, final)

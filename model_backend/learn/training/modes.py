@@ -11,8 +11,6 @@ first, and the starting weights are checked next.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,9 +18,10 @@ from typing import Any
 
 import torch
 
+from model_backend.core.atomic import atomic_path
 from model_backend.core.errors import InputError
 from model_backend.learn.datasets import PairTransform, split_paired
-from model_backend.learn.training.checkpoint import FORMAT, load_checkpoint, publish, seed_everything
+from model_backend.learn.training.checkpoint import FORMAT, load_checkpoint, seed_everything
 from model_backend.learn.training.config import TrainConfig
 from model_backend.learn.training.data import (
     ImageSet,
@@ -214,14 +213,8 @@ def write_inference(model: CDIKTNet, out: str | Path, input_size: int) -> Path:
     """The backbone alone as .safetensors with its cdikt_meta header, written atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         save_inference_weights(model, tmp, meta={"input_size": int(input_size)})
-        publish(Path(tmp), out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 
