@@ -20,7 +20,6 @@ from model_backend.core.errors import Cancelled, CdiktError
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
-MIN_ANN_TILES = 256
 
 
 def _weights(p: argparse.ArgumentParser, text: str = "model weights file (.safetensors or .pth); "
@@ -195,41 +194,20 @@ def _index(args: argparse.Namespace, model: ModelConfig) -> int:
     if env_world_size() > 1:  # started by torchrun: this rank embeds its share, rank 0 merges
         return _index_sharded(args, tiling, model)
 
+    from model_backend.index.ann import ensure_ann
     from model_backend.index.build import build_index
 
     idx = build_index(args.raster, tiling, model,
                       cache_dir=args.cache_dir, progress=_progress(args.verbose))
     print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
                       "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds"),
-                      "ann": _maybe_ann(idx, args.ann)}))
+                      "ann": ensure_ann(idx, args.ann)}))
     return 0
-
-
-def _maybe_ann(idx, mode: str) -> str | None:
-    """Build the compressed index when asked (`on`) or when the index is large enough to need it (`auto`)."""
-    from model_backend.index.ann import ANN_FILE, AnnConfig, ann_is_current, build_ann, min_tiles_for_ann
-
-    if mode == "off" or (mode == "auto" and idx.n_tiles < min_tiles_for_ann(AnnConfig.min_tiles)):
-        return None
-    if ann_is_current(idx):  # built for this very index: reused like the index itself
-        return str(Path(idx.folder) / ANN_FILE)
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        if mode == "on":
-            raise_user("--ann on needs faiss: `pip install faiss-cpu` (make setup installs it).")
-        logging.getLogger(__name__).warning("faiss is not installed: the index is searched exactly (slower).")
-        return None
-    if idx.n_tiles < MIN_ANN_TILES:
-        if mode == "on":
-            raise_user(f"The index has {idx.n_tiles} tiles; a compressed index needs at least {MIN_ANN_TILES} "
-                       "(its codebooks have 256 entries). Exact search is fast at this size: use --ann off.")
-        return None
-    return str(build_ann(idx))
 
 
 def _index_sharded(args: argparse.Namespace, tiling: TilingConfig, model: ModelConfig) -> int:
     from model_backend.core.dist import current_shard, shutdown
+    from model_backend.index.ann import ensure_ann
     from model_backend.index.sharded import index_sharded
 
     try:
@@ -238,7 +216,7 @@ def _index_sharded(args: argparse.Namespace, tiling: TilingConfig, model: ModelC
         if shard.is_main and idx is not None:
             print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
                               "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds"),
-                              "world_size": shard.world, "ann": _maybe_ann(idx, args.ann)}), flush=True)
+                              "world_size": shard.world, "ann": ensure_ann(idx, args.ann)}), flush=True)
     finally:
         shutdown()
     return 0

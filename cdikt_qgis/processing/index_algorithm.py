@@ -14,12 +14,18 @@ from qgis.core import (
     QgsProcessingFeedback,
     QgsProcessingOutputFolder,
     QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterEnum,
 )
 
 from .common import MODEL_HELP, CdiktAlgorithm, EngineFeedback, engine_errors, import_engine
 
 INDEX_DIR = "INDEX_DIR"
 TILES = "TILES"
+ANN = "ANN"
+ANN_FILE = "ANN_FILE"
+ANN_MODES = ("auto", "on", "off")
+"""As the CLI's --ann (model_backend.index.ann.ANN_MODES, kept torch-free here)."""
 
 
 class BuildIndexAlgorithm(CdiktAlgorithm):
@@ -37,22 +43,29 @@ class BuildIndexAlgorithm(CdiktAlgorithm):
             "<b>Stride</b> x footprint) and embeds each one with the neural network, once. The index is stored "
             "in the cache and reused by <i>Locate drone photos</i> whenever raster, footprint, stride and model "
             "match, so locating is then fast. An interrupted build resumes where it stopped.</p>"
-            "<p>Outputs: the index folder and the number of tiles embedded (tiles that are mostly nodata are "
-            "skipped).</p>" + MODEL_HELP
+            "<p><b>Compressed index</b>: auto builds it for very large rasters (10^6 tiles and more), on "
+            "always (at least 256 tiles), off never; locating then shortlists with it and re-scores exactly.</p>"
+            "<p>Outputs: the index folder, the number of tiles embedded (tiles that are mostly nodata are "
+            "skipped) and the compressed index file, if any.</p>" + MODEL_HELP
         )
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         self.add_raster_parameter()
         self.add_footprint_parameters("Tile footprint (m): ground size of one tile, about a photo's short side")
+        self.addParameter(QgsProcessingParameterEnum(ANN, "Compressed index (for very large rasters)",
+                                                     list(ANN_MODES), defaultValue=ANN_MODES[0],
+                                                     usesStaticStrings=True))
         self.add_model_parameters()
         self.addOutput(QgsProcessingOutputFolder(INDEX_DIR, "Index folder"))
         self.addOutput(QgsProcessingOutputNumber(TILES, "Number of tiles"))
+        self.addOutput(QgsProcessingOutputString(ANN_FILE, "Compressed index file (empty: none)"))
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         inputs = self.inputs()
         bridge = EngineFeedback(feedback)
         import_engine()
+        from model_backend.index.ann import ensure_ann
         from model_backend.index.build import build_index
 
         with engine_errors():
@@ -62,5 +75,7 @@ class BuildIndexAlgorithm(CdiktAlgorithm):
                 raise Cancelled()
             idx = build_index(inputs.source.path, inputs.tiling(), inputs.model(), cache_dir=inputs.cache_dir,
                               progress=bridge.progress, cancel=bridge.cancel)
-        bridge.feedback.pushInfo(f"Index of {idx.n_tiles} tiles ({idx.grid.footprint_m:g} m footprint): {idx.folder}")
-        return {INDEX_DIR: str(idx.folder), TILES: idx.n_tiles}
+            ann = ensure_ann(idx, self.parameterAsEnumString(parameters, ANN, context) or ANN_MODES[0])
+        bridge.feedback.pushInfo(f"Index of {idx.n_tiles} tiles ({idx.grid.footprint_m:g} m footprint): {idx.folder}"
+                                 + (f"; compressed index {ann}" if ann else ""))
+        return {INDEX_DIR: str(idx.folder), TILES: idx.n_tiles, ANN_FILE: ann or ""}

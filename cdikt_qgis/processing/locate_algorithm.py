@@ -43,6 +43,8 @@ from .postprocess import HeatmapStyler, MatchesStyler
 
 PHOTOS = "PHOTOS"
 FROM_EXIF = "FOOTPRINT_FROM_EXIF"
+VERIFY = "VERIFY"
+NEAR_GPS = "NEAR_GPS_M"
 TOP_K = "TOP_K"
 ROTATIONS = "ROTATIONS"
 HEATMAPS = "HEATMAPS"
@@ -103,14 +105,19 @@ def _make_folders(*folders: Path) -> None:
                 from None
 
 
+PROCESSING_ONLY_FIELDS = {"heatmap": str, "photo_path": str}
+"""After the engine's MATCH_FIELDS: where each photo's heatmap is, and the photo's full path."""
+QVARIANT_OF = {int: QVariant.Int, float: QVariant.Double, str: QVariant.String, bool: QVariant.Bool}
+
+
 def matches_fields() -> QgsFields:
+    """The engine's one matches schema (locate.export.MATCH_FIELDS, as in its GeoJSON and GeoPackage),
+    then the Processing-only fields."""
+    from model_backend.locate.export import MATCH_FIELDS  # torch-free
+
     fields = QgsFields()
-    for name, kind in (("photo", QVariant.String), ("rank", QVariant.Int), ("score", QVariant.Double),
-                       ("x", QVariant.Double), ("y", QVariant.Double), ("lon", QVariant.Double),
-                       ("lat", QVariant.Double), ("footprint_m", QVariant.Double),
-                       ("footprint_source", QVariant.String), ("heatmap", QVariant.String),
-                       ("photo_path", QVariant.String)):
-        fields.append(QgsField(name, kind))
+    for name, kind in {**MATCH_FIELDS, **PROCESSING_ONLY_FIELDS}.items():
+        fields.append(QgsField(name, QVARIANT_OF[kind]))
     return fields
 
 
@@ -132,7 +139,10 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
             "<p><b>Photo footprint</b>: the ground size (m) of a photo's short side; it is also the tile size. "
             "With <b>Use EXIF footprint</b> ticked, a photo's EXIF (altitude, focal length) sets it when present, "
             "else 0.6x, 1x and 1.6x the footprint are tried. <b>Number of candidates</b>: distinct places kept "
-            "per photo. <b>Headings</b> (advanced): rotations tried for photos of unknown heading.</p>"
+            "per photo. <b>Headings</b> (advanced): rotations tried for photos of unknown heading. "
+            "<b>Verify footprints</b>: local features turn the best tiles into the photo's real footprint, with "
+            "a confidence and heading (skipped for oblique photos). <b>Near GPS</b>: only tiles this close to "
+            "the photo's EXIF position are scored (0: the whole raster).</p>"
             "<p>Outputs: one similarity heatmap GeoTIFF per photo (&lt;photo&gt;.heatmap.tif, in the raster's "
             "CRS, nodata outside coverage) in the heatmaps folder (by default &lt;matches&gt;_heatmaps beside the "
             "matches file), next to each photo's RFC 7946 GeoJSON; and "
@@ -157,6 +167,11 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
             defaultValue=8, minValue=1, maxValue=72)
         rotations.setFlags(rotations.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(rotations)
+        self.addParameter(QgsProcessingParameterBoolean(
+            VERIFY, "Verify footprints (local features; skipped for oblique photos)", defaultValue=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            NEAR_GPS, "Near GPS (m): search only this close to the photo's EXIF position (0: anywhere)",
+            QgsProcessingParameterNumber.Double, defaultValue=0.0, minValue=0.0))
         self.add_model_parameters()
         # optional so scripts may leave it out (`qgis_process run cdikt:locate -- RASTER=… PHOTOS=… OUTPUT=…`):
         # the heatmaps then go beside the matches file, where they outlive qgis_process's temporary folder
@@ -201,6 +216,8 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
                             rotations=self.parameterAsInt(parameters, ROTATIONS, context),
                             footprint_m=None if self.parameterAsBoolean(parameters, FROM_EXIF, context)
                             else inputs.footprint_m)
+        verify = None if self.parameterAsBoolean(parameters, VERIFY, context) else False  # None: when nadir enough
+        near_gps = self.parameterAsDouble(parameters, NEAR_GPS, context) or None
         heatmaps: list[tuple[str, str]] = []
         failures: list[str] = []
         for i, (photo, out_dir) in enumerate(zip(photos, output_folders(photos, root))):
@@ -210,7 +227,7 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
             try:
                 res = locate_photo(inputs.source.path, photo, out_dir, tiling=inputs.tiling(), query=query,
                                    model=inputs.model(), cache_dir=inputs.cache_dir, progress=part.progress,
-                                   cancel=part.cancel, embedder=net)
+                                   cancel=part.cancel, embedder=net, verify=verify, prior_radius_m=near_gps)
             except Cancelled as exc:
                 raise QgsProcessingException(one_line(exc)) from None
             except CdiktError as exc:
@@ -233,12 +250,15 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
     @staticmethod
     def _write_matches(sink: QgsFeatureSink, res: Any) -> None:
         """One feature per candidate, geometry in the raster's CRS as the engine computed it."""
+        from model_backend.locate.export import match_properties, source_crs_label
+
         fields = matches_fields()
+        label = source_crs_label(res.crs_wkt)
         for c in res.candidates:
+            props = {**match_properties(c, label, res.properties), "heatmap": res.heatmap_path,
+                     "photo_path": str(res.photo)}
             feat = QgsFeature(fields)
-            feat.setAttributes([Path(res.photo).name, int(c.rank), float(c.score), float(c.x), float(c.y),
-                                float(c.lon), float(c.lat), float(res.footprint_m), res.footprint_source,
-                                res.heatmap_path, str(res.photo)])
+            feat.setAttributes([props.get(f.name()) for f in fields])
             feat.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(float(p[0]), float(p[1])) for p in c.polygon]]))
             if not sink.addFeature(feat, QgsFeatureSink.FastInsert):
                 raise QgsProcessingException(f"Could not write the matches of {Path(res.photo).name}.")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from model_backend.core.atomic import atomic_path, atomic_write_bytes
+from model_backend.core.errors import InputError
 from model_backend.index.store import TileIndex
 
 log = logging.getLogger(__name__)
@@ -214,3 +215,36 @@ def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray, k: int = 10) -> f
     """Mean fraction of each query's exact top-k found in its approximate top-k."""
     hits = [len(set(e[:k].tolist()) & set(a[:k].tolist())) for e, a in zip(exact_ids, approx_ids)]
     return float(np.mean(hits)) / k
+
+
+MIN_ANN_TILES = 256
+"""Fewer tiles than a product-quantiser codebook has entries (256): no compressed index."""
+ANN_MODES = ("auto", "on", "off")
+
+
+def ensure_ann(index: TileIndex, mode: str = "auto") -> str | None:
+    """The compressed index's path once it exists for `index`, per the policy every front end shares.
+
+    `off`: never. `auto`: only for indexes large enough to need it (`AnnConfig.min_tiles`), and
+    quietly not when faiss is missing. `on`: always, or an InputError that says why it cannot be.
+    """
+    if mode not in ANN_MODES:
+        raise InputError(f"Compressed index mode must be one of {', '.join(ANN_MODES)}, got {mode!r}.")
+    if mode == "off" or (mode == "auto" and index.n_tiles < min_tiles_for_ann(AnnConfig.min_tiles)):
+        return None
+    if ann_is_current(index):  # built for this very index: reused like the index itself
+        return str(Path(index.folder) / ANN_FILE)
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if mode == "on":
+            raise InputError("A compressed index needs faiss: `pip install faiss-cpu` (make setup installs it).") \
+                from None
+        log.warning("faiss is not installed: the index is searched exactly (slower).")
+        return None
+    if index.n_tiles < MIN_ANN_TILES:
+        if mode == "on":
+            raise InputError(f"The index has {index.n_tiles} tiles; a compressed index needs at least "
+                             f"{MIN_ANN_TILES} (its codebooks have 256 entries). Exact search is fast at this size.")
+        return None
+    return str(build_ann(index))

@@ -53,13 +53,15 @@ class Candidate:
     kept for draping the photo on the map, never exported as an attribute."""
 
     def to_properties(self) -> dict:
-        """The scalar fields as plain Python numbers, ready for GeoJSON / GPKG attributes.
+        """The scalar fields as plain Python numbers, ready for GeoJSON / GPKG / Processing attributes.
 
-        Verification fields are added only once verification ran, so unverified outputs keep
-        the original schema.
+        The verification fields are always there (export.MATCH_FIELDS), null while verification
+        has not run, so every output has one schema.
         """
         props = {"rank": int(self.rank), "score": float(self.score), "x": float(self.x), "y": float(self.y),
-                 "lon": float(self.lon), "lat": float(self.lat)}
+                 "lon": float(self.lon), "lat": float(self.lat),
+                 "verified": None, "confidence": None, "inliers": None, "heading_deg": None, "gsd_m": None,
+                 "tile_x": None, "tile_y": None}
         if self.verified is not None:
             props.update(verified=bool(self.verified), confidence=float(self.confidence or 0.0),
                          inliers=int(self.inliers or 0), heading_deg=_opt(self.heading_deg),

@@ -34,8 +34,15 @@ DECIMALS = 7
 """~1 cm on the ground: below any raster's pixel, and what RFC 7946 suggests is plenty."""
 
 Ring = Sequence[Sequence[float]]
-_REAL_PROPS = ("heading_deg", "gsd_m", "tile_x", "tile_y")
-"""Verification properties that are null when unverified but real numbers otherwise (GPKG field types)."""
+MATCH_FIELDS: dict[str, type] = {
+    "rank": int, "score": float, "photo": str, "source_crs": str, "x": float, "y": float, "lon": float,
+    "lat": float, "footprint_m": float, "footprint_source": str, "model": str, "verified": bool,
+    "confidence": float, "inliers": int, "heading_deg": float, "gsd_m": float, "tile_x": float, "tile_y": float,
+    "gps_distance_m": float, "gps_disagrees": bool,
+}
+"""The one schema of a matches output: GeoJSON, GeoPackage and the Processing layer all carry these
+properties, in this order and of these types; null where unknown (verification did not run, the
+photo has no GPS). A caller's extra properties follow them."""
 
 
 # ---------------------------------------------------------------- geometry helpers
@@ -113,15 +120,13 @@ def _split_antimeridian(pts: list[tuple[float, float]]) -> list[list[tuple[float
 
 # ---------------------------------------------------------------- properties
 
-def _feature_properties(c: Candidate, crs_label: str, extra: dict | None) -> dict[str, Any]:
-    """rank, score, photo, source_crs, x, y, lon, lat, then the caller's extras (never overriding)."""
-    base = c.to_properties()
-    props: dict[str, Any] = {"rank": base["rank"], "score": base["score"],
-                             "photo": _plain((extra or {}).get("photo")), "source_crs": crs_label}
-    props.update((k, base[k]) for k in ("x", "y", "lon", "lat"))
-    props.update((k, v) for k, v in base.items() if k not in props)  # verification fields, when present
+def match_properties(c: Candidate, crs_label: str, extra: dict | None) -> dict[str, Any]:
+    """The MATCH_FIELDS of one candidate (the result-level ones from `extra`), then extra's other keys."""
+    props: dict[str, Any] = dict.fromkeys(MATCH_FIELDS)
+    props["source_crs"] = crs_label
     for key, value in (extra or {}).items():
-        props.setdefault(key, _plain(value))
+        props[key] = _plain(value)
+    props.update(c.to_properties())  # the candidate's own fields win over anything passed in
     return props
 
 
@@ -142,7 +147,7 @@ def write_geojson(path: str | os.PathLike[str], candidates: Sequence[Candidate],
     transformer = to_wgs84(crs_wkt)
     label = source_crs_label(crs_wkt)
     features = [
-        {"type": "Feature", "id": int(c.rank), "properties": _feature_properties(c, label, properties),
+        {"type": "Feature", "id": int(c.rank), "properties": match_properties(c, label, properties),
          "geometry": _wgs84_geometry(c.polygon, transformer)}
         for c in candidates
     ]
@@ -240,12 +245,11 @@ def write_gpkg(path: str | os.PathLike[str], candidates: Sequence[Candidate], cr
     from osgeo import ogr, osr
 
     label = source_crs_label(crs_wkt)
-    rows = [_feature_properties(c, label, properties) for c in candidates]
-    # Field types come from the first non-null value of each property (an unverified #1 has no heading).
-    sample = {k: next((r[k] for r in rows if r.get(k) is not None), 0.0 if k in _REAL_PROPS else v)
-              for k, v in rows[0].items()} if rows else \
-        {"rank": 0, "score": 0.0, "photo": "", "source_crs": "", "x": 0.0, "y": 0.0, "lon": 0.0, "lat": 0.0,
-         **{k: _plain(v) for k, v in (properties or {}).items()}}
+    rows = [match_properties(c, label, properties) for c in candidates]
+    # Field types: the schema's, then (for a caller's extra properties) the first non-null value's.
+    keys = list(rows[0]) if rows else [*MATCH_FIELDS, *(k for k in (properties or {}) if k not in MATCH_FIELDS)]
+    sample = {k: MATCH_FIELDS[k]() if k in MATCH_FIELDS else
+              next((r[k] for r in rows if r.get(k) is not None), "") for k in keys}
     names = {k: (f"{k}_" if k.lower() in ("fid", "geom") else k) for k in sample}
     with gdal_exceptions(), atomic_path(path) as tmp:
         srs = osr.SpatialReference()

@@ -30,10 +30,9 @@ from model_backend.locate.priors import (
     gps_disagrees,
     gps_xy,
     nadir_enough,
-    north_up,
     restrict_to_radius,
 )
-from model_backend.locate.query import embed_photo, score_tiles
+from model_backend.locate.query import photo_queries, score_tiles
 from model_backend.locate.verify import DEFAULT_VERIFY, VerifyConfig, verify_candidates
 from model_backend.nn.embedder import EmbeddingModel
 
@@ -57,6 +56,8 @@ class LocateResult:
     index_dir: str
     model_sha256: str
     extra: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+    """The result-level match properties (photo, footprint, model, GPS check) every output carries."""
 
     @property
     def best(self) -> Candidate:
@@ -112,7 +113,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     image = load_photo(photo)
     if embedder is None and progress:
         progress(0.0, "Loading model…")
-    net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads)
+    net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
     footprints, source = choose_footprints(info, photo, tiling, query)
     out = _prepare_out_dir(out_dir)
 
@@ -124,10 +125,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     if progress:
         progress(0.02, "Embedding the photo" + ("" if priors.yaw_deg is not None else
                                                  f" at {query.rotations} headings"))
-    if priors.yaw_deg is not None:  # heading known: one north-up query instead of the rotation search
-        q = embed_photo(net, north_up(image, priors.yaw_deg), 1)
-    else:
-        q = embed_photo(net, image, query.rotations)
+    q = photo_queries(net, image, priors.yaw_deg, query.rotations)
     best: tuple[float, TileIndex, np.ndarray] | None = None
     for i, fp in enumerate(footprints):
         def sub(f: float, msg: str, i: int = i, fp: float = fp) -> None:
@@ -163,12 +161,12 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     cands = cands[:query.top_k]
     if progress:
         progress(0.95, "Writing heatmap and matches")
-    props = {"photo": str(Path(photo).name), "footprint_m": round(fp, 2),
-             "model": idx.manifest["model"]["weights_name"]}
+    props: dict[str, Any] = {"photo": str(Path(photo).name), "footprint_m": round(fp, 2),
+                             "footprint_source": source, "model": idx.manifest["model"]["weights_name"]}
     if gps is not None and cands:
         dist = ground_distance(info.crs_wkt, *gps, cands[0].x, cands[0].y)
         extra.update(gps_distance_m=round(dist, 1), gps_disagrees=gps_disagrees(dist, fp))
-        props["gps_disagrees"] = extra["gps_disagrees"]
+        props.update(gps_distance_m=extra["gps_distance_m"], gps_disagrees=extra["gps_disagrees"])
     heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), idx.grid, idx.cols, idx.rows, scores, raster_path=info.path)
     gj = write_geojson(str(out / f"{stem}.matches.geojson"), cands, info.crs_wkt, props)
     gp = write_gpkg(str(out / f"{stem}.matches.gpkg"), cands, info.crs_wkt, props)
@@ -179,7 +177,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     return LocateResult(
         photo=str(photo), heatmap_path=heat, geojson_path=gj, gpkg_path=gp, crs_wkt=info.crs_wkt,
         footprint_m=fp, footprint_source=source, candidates=cands, seconds=time.perf_counter() - t0,
-        index_dir=str(idx.folder), model_sha256=net.sha256, extra=extra,
+        index_dir=str(idx.folder), model_sha256=net.sha256, extra=extra, properties=props,
     )
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from model_backend.geo.reader import FILL_RGB
 from model_backend.index.store import TileIndex
+from model_backend.locate.priors import north_up
 from model_backend.nn.embedder import EmbeddingModel
 
 
@@ -42,6 +43,14 @@ def rotation_crops(photo: np.ndarray, rotations: int, size: int) -> np.ndarray:
         crop = rot.crop((left, top, left + side, top + side))
         out[i] = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
     return out
+
+
+def photo_queries(model: EmbeddingModel, photo: np.ndarray, yaw_deg: float | None, rotations: int) -> np.ndarray:
+    """The query policy, in one place: a photo whose EXIF gives its heading is turned north-up and
+    embedded once; any other is embedded at `rotations` headings (the best heading wins per tile)."""
+    if yaw_deg is not None:
+        return embed_photo(model, north_up(photo, yaw_deg), 1)
+    return embed_photo(model, photo, rotations)
 
 
 def embed_photo(model: EmbeddingModel, photo: np.ndarray, rotations: int) -> np.ndarray:

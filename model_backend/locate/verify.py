@@ -33,10 +33,11 @@ from model_backend.locate.candidates import Candidate
 
 CONF_COEF = (-8.6, 4.2, 2.3)
 """Confidence = sigmoid(a + b ln(inliers) + c inlier_ratio), fitted by logistic regression
-(evaluation.fit_confidence) on 622 sane homographies from semi-synthetic views (model_backend.learn.datasets.synth;
+on 622 sane homographies from semi-synthetic views (model_backend.learn.datasets.synth;
 30 views per raster, calibration seed 5, not the benchmark's 11) of the manila, netherlands, bali
 and florida test rasters, matched against their top-10 retrieval candidates and a decoy raster's
-(evaluation.verification_samples, gates loosened to 4 inliers). The 18 wrong ones had at most 10
+(gates loosened to 4 inliers; the fitting code, unused since, is in the history at 57a72c3:
+model_backend/evaluation.py). The 18 wrong ones had at most 10
 inliers, hence `min_inliers` = 15. Calibrated on synthetic views only: on real photos read it as
 a ranking more than a probability."""
 

@@ -107,7 +107,7 @@ def test_index_ann_builds_a_compressed_index_on_request_and_reuses_it(work: dict
     """`--ann on` adds the IVF-PQ index beside the embeddings (auto would wait for 10^6 tiles); a small index
     gets a one-line refusal, not a crash."""
     small = run_cli("index", work["raster"], "--footprint-m", FOOTPRINT, "--ann", "on", cache=work["cache"])
-    assert_user_error(small, "at least 256", "--ann off")
+    assert_user_error(small, "at least 256", "exact search is fast")
     first = run_cli("index", work["raster"], "--footprint-m", 16, "--ann", "on", cache=work["cache"])
     assert first.returncode == 0, first.stderr
     (info,) = json_lines(first.stdout)

@@ -22,6 +22,7 @@ from model_backend.locate import export
 from model_backend.locate.candidates import Candidate, select_candidates, tile_iou
 from model_backend.locate.export import (
     DENSIFY,
+    MATCH_FIELDS,
     geojson_problems,
     polygon_is_ccw,
     read_matches,
@@ -138,7 +139,10 @@ def test_candidate_geometry_and_lonlat(grids):
             centroid = Polygon(c.polygon).centroid
             assert centroid.x == pytest.approx(c.x, abs=1e-6) and centroid.y == pytest.approx(c.y, abs=1e-6)
             assert (c.lon, c.lat) == pytest.approx(to_ll.transform(c.x, c.y), abs=1e-12)
-            assert set(c.to_properties()) == {"rank", "score", "x", "y", "lon", "lat"}
+            props = c.to_properties()  # verification fields are there, null until verification runs
+            assert set(props) == {"rank", "score", "x", "y", "lon", "lat", "verified", "confidence", "inliers",
+                                  "heading_deg", "gsd_m", "tile_x", "tile_y"}
+            assert props["verified"] is None and props["heading_deg"] is None
 
 
 def test_candidate_argument_checks(grids):
@@ -240,10 +244,14 @@ def test_gpkg_keeps_source_crs_and_features(grids, name, tmp_path):
     assert CRS.from_wkt(lyr.GetSpatialRef().ExportToWkt()) == CRS.from_wkt(grid.crs_wkt)
     defn = lyr.GetLayerDefn()
     fields = [defn.GetFieldDefn(i) for i in range(defn.GetFieldCount())]
+    # the one matches schema (MATCH_FIELDS, typed even where every value is null), then the caller's extras
+    assert [f.GetName() for f in fields] == [*MATCH_FIELDS, "rotations"]
     assert {f.GetName(): f.GetTypeName() for f in fields} == {
         "rank": "Integer", "score": "Real", "photo": "String", "source_crs": "String", "x": "Real",
-        "y": "Real", "lon": "Real", "lat": "Real", "footprint_m": "Real", "model": "String",
-        "rotations": "Integer64"}
+        "y": "Real", "lon": "Real", "lat": "Real", "footprint_m": "Real", "footprint_source": "String",
+        "model": "String", "verified": "Integer", "confidence": "Real", "inliers": "Integer64",
+        "heading_deg": "Real", "gsd_m": "Real", "tile_x": "Real", "tile_y": "Real", "gps_distance_m": "Real",
+        "gps_disagrees": "Integer", "rotations": "Integer64"}
     ds = lyr = None
 
     feats = read_matches(out)

@@ -83,12 +83,17 @@ def open_dock_from_toolbar():
     REPORT["dock_visible"] = dock() is not None and dock().isVisible()
 
 
-def locate(raster: str, photo: str) -> dict:
+def pick(raster: str, photo: str):
+    """Add the raster to the project and pick it and the photo in the dock, as a user does."""
     layer = iface.addRasterLayer(raster, Path(raster).stem)
     d = dock()
     d.layer_combo.setLayer(layer)
     d.photo_widget.setFilePath(photo)
-    controller = plugins["cdikt_qgis"].controller
+    return d, plugins["cdikt_qgis"].controller
+
+
+def locate(raster: str, photo: str) -> dict:
+    d, controller = pick(raster, photo)
     before = controller.last_result
     t = time.monotonic()
     d.locate_button.click()
@@ -133,11 +138,7 @@ def export(path: Path) -> dict:
 
 
 def cancel_during_index(raster: str, photo: str) -> dict:
-    layer = iface.addRasterLayer(raster, Path(raster).stem)
-    d = dock()
-    d.layer_combo.setLayer(layer)
-    d.photo_widget.setFilePath(photo)
-    controller = plugins["cdikt_qgis"].controller
+    d, controller = pick(raster, photo)
     d.locate_button.click()
     wait(lambda: "Embedding tiles" in d.status.text(), 90, "index build started")
     status_when_cancelled = d.status.text()

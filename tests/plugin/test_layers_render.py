@@ -79,8 +79,9 @@ def test_candidates_are_outlines_labelled_by_rank_with_rank_one_stronger(heatmap
     renderer = layer.renderer()
     assert isinstance(renderer, QgsRuleBasedRenderer)
     rules = {r.label(): r for r in renderer.rootRule().children()}
-    best, others = rules["Best match"], rules["Other candidates"]
-    assert best.filterExpression() == '"rank" = 1' and others.isElse()
+    # not verified (the case has no verification): the tiles are dashed, #1 still the strongest
+    best, others = rules["Best match (tile, not verified)"], rules["Other candidate tiles"]
+    assert best.filterExpression() == '"rank" = 1 AND NOT coalesce("verified", false)' and others.isElse()
     for rule in (best, others):
         assert rule.symbol().symbolLayer(0).brushStyle() == 0  # Qt.NoBrush: outline only
     assert best.symbol().symbolLayer(0).strokeWidth() > others.symbol().symbolLayer(0).strokeWidth()

@@ -148,6 +148,20 @@ def test_index_reports_its_folder_and_tile_count_and_is_reused(provider, cache: 
     assert again == first
 
 
+def test_index_builds_the_compressed_index_on_request_as_the_cli_does(provider, cache: Path) -> None:
+    from qgis.core import QgsProcessingException
+
+    params = {"RASTER": str(RASTER), "FOOTPRINT": 16.0, "CACHE_DIR": str(cache)}
+    off = _run("cdikt:index", {**params, "ANN": "off"})
+    assert off["ANN_FILE"] == "" and off["TILES"] >= 256
+    on = _run("cdikt:index", {**params, "ANN": "on"})
+    assert on["INDEX_DIR"] == off["INDEX_DIR"] and Path(on["ANN_FILE"]) == Path(on["INDEX_DIR"]) / "ann.faiss"
+    assert _run("cdikt:index", {**params, "ANN": "on"})["ANN_FILE"] == on["ANN_FILE"]  # built once: reused
+    assert _run("cdikt:index", {**params, "ANN": "auto"})["ANN_FILE"] == ""  # auto waits for 10^6 tiles
+    with pytest.raises(QgsProcessingException, match="at least 256"):
+        _run("cdikt:index", {**params, "FOOTPRINT": FOOTPRINT, "ANN": "on"})  # 100-odd tiles: too few
+
+
 def test_locate_a_folder_writes_a_heatmap_per_photo_and_one_matches_layer(provider, cache, photos, tmp_path) -> None:
     from qgis.core import QgsRasterLayer, QgsVectorLayer, QgsWkbTypes
 
@@ -171,6 +185,41 @@ def test_locate_a_folder_writes_a_heatmap_per_photo_and_one_matches_layer(provid
         by_photo.setdefault(f["photo"], []).append(f["rank"])
         assert f.geometry().type() == QgsWkbTypes.PolygonGeometry and not f.geometry().isEmpty()
     assert {k: sorted(v) for k, v in by_photo.items()} == {"view_a.jpg": [1, 2, 3], "view_b.jpg": [1, 2, 3]}
+
+
+def test_one_matches_schema_for_the_layer_the_geojson_and_the_geopackage(provider, cache, photos, tmp_path) -> None:
+    """Every option of the dock exists here too (Verify, Near GPS), and the Matches layer carries the
+    engine's one schema, with the same values as the photo's GeoJSON and GeoPackage."""
+    from qgis.core import QgsVectorLayer
+
+    from model_backend.locate.export import MATCH_FIELDS
+
+    out = _run("cdikt:locate", {"RASTER": str(RASTER), "PHOTOS": [str(photos / "view_a.jpg")], "FOOTPRINT": FOOTPRINT,
+                                "FOOTPRINT_FROM_EXIF": False, "TOP_K": 2, "VERIFY": True, "NEAR_GPS_M": 0.0,
+                                "CACHE_DIR": str(cache), "HEATMAPS": str(tmp_path / "h"),
+                                "OUTPUT": str(tmp_path / "m.gpkg")})
+    layer = QgsVectorLayer(out["OUTPUT"], "matches", "ogr")
+    names = [f.name() for f in layer.fields() if f.name() != "fid"]
+    assert names[:len(MATCH_FIELDS)] == list(MATCH_FIELDS) and names[len(MATCH_FIELDS):] == ["heatmap", "photo_path"]
+    sink = {f["rank"]: {k: f[k] for k in MATCH_FIELDS} for f in layer.getFeatures()}
+    geojson = json.loads((tmp_path / "h" / "view_a.matches.geojson").read_text())
+    gj = {f["properties"]["rank"]: f["properties"] for f in geojson["features"]}
+    gpkg_layer = QgsVectorLayer(str(tmp_path / "h" / "view_a.matches.gpkg"), "gpkg", "ogr")
+    gp = {f["rank"]: {k: f[k] for k in MATCH_FIELDS} for f in gpkg_layer.getFeatures()}
+    assert sorted(sink) == sorted(gj) == sorted(gp) == [1, 2]
+    assert list(gj[1])[:len(MATCH_FIELDS)] == list(MATCH_FIELDS)
+    assert [f.name() for f in gpkg_layer.fields() if f.name() != "fid"][:len(MATCH_FIELDS)] == list(MATCH_FIELDS)
+
+    def same(a, b) -> bool:
+        a = None if a is None or (hasattr(a, "isNull") and a.isNull()) else a
+        b = None if b is None or (hasattr(b, "isNull") and b.isNull()) else b
+        return a == pytest.approx(b) if isinstance(a, float) and isinstance(b, float) else a == b
+
+    for rank in (1, 2):
+        for key in MATCH_FIELDS:
+            assert same(sink[rank][key], gj[rank][key]), (rank, key, sink[rank][key], gj[rank][key])
+            assert same(gp[rank][key], gj[rank][key]), (rank, key, gp[rank][key], gj[rank][key])
+    assert gj[1]["verified"] is True and gj[1]["footprint_source"] == "user" and gj[1]["inliers"] > 0
 
 
 def test_run_and_load_adds_styled_heatmap_and_matches_layers(provider, cache, photos, tmp_path) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from model_backend.core.atomic import atomic_path
-from model_backend.core.config import TilingConfig
+from model_backend.core.config import QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.geo.exif import load_photo, read_priors
 from model_backend.geo.geodesy import ground_distance_m
@@ -42,8 +42,7 @@ from model_backend.learn.adapt.train import TrainConfig, build_views, sample_til
 from model_backend.learn.labels import LabelSet, ResolvedLabel, read_labels, resolve_labels
 from model_backend.learn.versions import ModelRegistry
 from model_backend.locate.candidates import select_candidates
-from model_backend.locate.priors import north_up
-from model_backend.locate.query import embed_photo, score_tiles
+from model_backend.locate.query import photo_queries, score_tiles
 from model_backend.nn.cdiktnet import CDIKTNet, save_inference_weights
 from model_backend.nn.embedder import EmbeddingModel
 from model_backend.nn.weights import default_weights_path, read_weights
@@ -186,10 +185,9 @@ def validation_figure(raster: str, labels: list[ResolvedLabel], net: EmbeddingMo
     for i, lb in enumerate(labels):
         _check_cancel(cancel)
         image = load_photo(str(lb.photo))
-        yaw = read_priors(str(lb.photo)).yaw_deg
-        q = embed_photo(net, north_up(image, yaw), 1) if yaw is not None else embed_photo(net, image, config.rotations)
+        q = photo_queries(net, image, read_priors(str(lb.photo)).yaw_deg, config.rotations)
         scores, _ = score_tiles(idx, q)
-        cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, config.max_rank, 0.1)
+        cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, config.max_rank, QueryConfig().nms_iou)
         if cands:
             d = ground_distance_m(idx.grid.crs_wkt, np.array([c.x for c in cands]), np.array([c.y for c in cands]),
                                   np.full(len(cands), lb.cx), np.full(len(cands), lb.cy))
