@@ -35,7 +35,7 @@ from pyproj import CRS, Transformer
 from model_backend.core.atomic import atomic_path
 from model_backend.core.errors import InputError
 from model_backend.geo.geodesy import metres_per_unit
-from model_backend.locate.export import gdal_exceptions, ogr_polygon, polygon_is_ccw, ring_signed_area
+from model_backend.locate.export import gdal_exceptions, polygon_is_ccw, ring_signed_area, write_polygon_gpkg
 
 LAYER = "labels"
 FIELDS = ("photo", "photo_sha256", "heading", "created", "edited")
@@ -266,33 +266,8 @@ def _write_geojson(p: Path, labels: LabelSet) -> str:
 
 
 def _write_gpkg(p: Path, labels: LabelSet) -> str:
-    from osgeo import ogr, osr
-
-    with gdal_exceptions(), atomic_path(p) as tmp:
-        srs = osr.SpatialReference()
-        srs.ImportFromWkt(labels.crs_wkt)
-        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-        ds = ogr.GetDriverByName("GPKG").CreateDataSource(tmp)
-        lyr = feat = None
-        try:
-            lyr = ds.CreateLayer(LAYER, srs, ogr.wkbPolygon, options=["GEOMETRY_NAME=geom", "FID=fid"])
-            for name in FIELDS:
-                lyr.CreateField(ogr.FieldDefn(name, ogr.OFTReal if name == "heading" else ogr.OFTString))
-            lyr.StartTransaction()
-            for lb in labels.labels:
-                feat = ogr.Feature(lyr.GetLayerDefn())
-                for key, value in lb.properties().items():
-                    if value is None:
-                        feat.SetFieldNull(key)
-                    else:
-                        feat.SetField(key, value)
-                feat.SetGeometry(ogr_polygon(lb.ring))
-                lyr.CreateFeature(feat)
-            lyr.CommitTransaction()
-        finally:
-            lyr = feat = None
-            ds = None
-    return str(p.absolute())
+    fields = {name: float if name == "heading" else str for name in FIELDS}
+    return write_polygon_gpkg(p, labels.crs_wkt, LAYER, fields, [(lb.ring, lb.properties()) for lb in labels.labels])
 
 
 # ---------------------------------------------------------------- checking against a raster

@@ -212,17 +212,17 @@ def gdal_exceptions() -> Iterator[None]:
             ogr.DontUseExceptions()
 
 
-def _ogr_field(name: str, value: Any) -> Any:
-    """A typed field for a property value: integers, reals, booleans stay what they are."""
+def _ogr_field(name: str, kind: type) -> Any:
+    """A typed field: integers, reals, booleans stay what they are; anything else is text."""
     from osgeo import ogr
 
-    if isinstance(value, bool):
+    if kind is bool:
         fd = ogr.FieldDefn(name, ogr.OFTInteger)
         fd.SetSubType(ogr.OFSTBoolean)
         return fd
-    if isinstance(value, int):
+    if kind is int:
         return ogr.FieldDefn(name, ogr.OFTInteger if name == "rank" else ogr.OFTInteger64)
-    if isinstance(value, float):
+    if kind is float:
         return ogr.FieldDefn(name, ogr.OFTReal)
     return ogr.FieldDefn(name, ogr.OFTString)
 
@@ -242,15 +242,22 @@ def ogr_polygon(ring: Ring) -> Any:
 def write_gpkg(path: str | os.PathLike[str], candidates: Sequence[Candidate], crs_wkt: str,
                properties: dict | None = None, layer: str = "matches") -> str:
     """Write the candidates as a polygon layer in the raster's CRS (from its WKT); return the path."""
-    from osgeo import ogr, osr
-
     label = source_crs_label(crs_wkt)
     rows = [match_properties(c, label, properties) for c in candidates]
     # Field types: the schema's, then (for a caller's extra properties) the first non-null value's.
     keys = list(rows[0]) if rows else [*MATCH_FIELDS, *(k for k in (properties or {}) if k not in MATCH_FIELDS)]
-    sample = {k: MATCH_FIELDS[k]() if k in MATCH_FIELDS else
-              next((r[k] for r in rows if r.get(k) is not None), "") for k in keys}
-    names = {k: (f"{k}_" if k.lower() in ("fid", "geom") else k) for k in sample}
+    fields = {k: MATCH_FIELDS[k] if k in MATCH_FIELDS else
+              type(next((r[k] for r in rows if r.get(k) is not None), "")) for k in keys}
+    return write_polygon_gpkg(path, crs_wkt, layer, fields, [(c.polygon, r) for c, r in zip(candidates, rows)])
+
+
+def write_polygon_gpkg(path: str | os.PathLike[str], crs_wkt: str, layer: str, fields: dict[str, type],
+                       features: Sequence[tuple[Ring, dict[str, Any]]]) -> str:
+    """One polygon layer in a new GeoPackage, atomically: fields typed from Python types (bool, int,
+    float, str; anything else stored as JSON text), one feature per (ring, properties)."""
+    from osgeo import ogr, osr
+
+    names = {k: (f"{k}_" if k.lower() in ("fid", "geom") else k) for k in fields}
     with gdal_exceptions(), atomic_path(path) as tmp:
         srs = osr.SpatialReference()
         srs.ImportFromWkt(crs_wkt)
@@ -259,10 +266,10 @@ def write_gpkg(path: str | os.PathLike[str], candidates: Sequence[Candidate], cr
         lyr = feat = None
         try:
             lyr = ds.CreateLayer(layer, srs, ogr.wkbPolygon, options=["GEOMETRY_NAME=geom", "FID=fid"])
-            for key, value in sample.items():
-                lyr.CreateField(_ogr_field(names[key], value))
+            for key, kind in fields.items():
+                lyr.CreateField(_ogr_field(names[key], kind))
             lyr.StartTransaction()
-            for c, props in zip(candidates, rows):
+            for ring, props in features:
                 feat = ogr.Feature(lyr.GetLayerDefn())
                 for key, value in props.items():
                     if value is None:
@@ -271,7 +278,7 @@ def write_gpkg(path: str | os.PathLike[str], candidates: Sequence[Candidate], cr
                         feat.SetField(names[key], value)
                     else:
                         feat.SetField(names[key], json.dumps(value, default=_json_default))
-                feat.SetGeometry(ogr_polygon(c.polygon))
+                feat.SetGeometry(ogr_polygon(ring))
                 lyr.CreateFeature(feat)
             lyr.CommitTransaction()
         finally:
