@@ -19,9 +19,9 @@ from torch import nn
 
 from model_backend.core.dist import resolve_device
 from model_backend.core.errors import InputError
-from model_backend.nn.layers import MobileNetV2Embedder
+from model_backend.nn.architectures import create_net
 from model_backend.nn.runtime import scale_shift
-from model_backend.nn.weights import ModelMeta, default_weights_path, map_deepsort_keys, read_weights
+from model_backend.nn.weights import ModelMeta, default_weights_path, read_weights
 
 if TYPE_CHECKING:
     from model_backend.nn.runtime import Runner
@@ -54,26 +54,8 @@ class EmbeddingModel:
                 raise InputError(f"Weights file not found: {path}. Check --weights.")
             raise InputError(f"Default weights missing ({path}). Run `make setup` to install them.")
         state, meta = read_weights(path)
-        if meta.architecture == "cdiktnet":  # a trained CDIKTNet: its backbone + pooling, nothing else
-            from model_backend.nn.cdiktnet.cdis import load_inference_net
-
-            try:
-                cdikt = load_inference_net(state, meta.backbone, meta.pooling, meta.dim)
-            except InputError as exc:
-                raise InputError(f"{path.name}: {exc}") from None
-            model = cls(cdikt, meta, dev)
-            model.set_runtime(runtime, threads)
-            return model
-        net = MobileNetV2Embedder(pooling=meta.pooling)
-        target = net.features.state_dict()
-        if not all(k in target for k in state):
-            state = map_deepsort_keys(state, target)
-        try:
-            net.features.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # names match torchvision's but shapes or the key set do not
-            detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), type(exc).__name__)
-            raise InputError(f"{path.name} does not fit MobileNetV2 ({detail[:160]}); wrong file?") from None
-        log.info("Loaded %s (%s) on %s", path.name, meta.weights_sha256[:12], dev)
+        net = create_net(state, meta, path.name)
+        log.info("Loaded %s (%s, %s) on %s", path.name, meta.architecture, meta.weights_sha256[:12], dev)
         model = cls(net, meta, dev)
         model.set_runtime(runtime, threads)
         return model

@@ -173,3 +173,46 @@ def test_cuda_without_a_gpu_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -
         resolve_device("cuda:1")
     assert resolve_device("auto").type == "cpu"
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_architectures_come_from_a_registry_and_a_new_one_is_one_builder(tmp_path: Path) -> None:
+    """EmbeddingModel.load asks the registry; a file naming an unknown architecture gets a clear error,
+    and registering a builder (what a new module in nn/architectures does) is all a new one needs."""
+    import json
+
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from model_backend.core.errors import InputError
+    from model_backend.nn import architectures
+    from model_backend.nn.architectures import _BUILDERS, register
+
+    assert architectures.architectures() == ["cdiktnet", "mobilenet_v2"]
+    meta = {"architecture": "tiny_test_net", "input_size": 32, "dim": 8, "pooling": "gem"}
+    path = tmp_path / "tiny.safetensors"
+    save_file({"proj.weight": torch.randn(8, 3), "proj.bias": torch.zeros(8)}, str(path),
+              metadata={"cdikt_meta": json.dumps(meta)})
+    with pytest.raises(InputError, match="'tiny_test_net' model; this version knows cdiktnet, mobilenet_v2"):
+        EmbeddingModel.load(str(path), "cpu", runtime="torch")
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.normalize(self.proj(x.mean(dim=(-2, -1))), dim=1)
+
+    @register("tiny_test_net")
+    def build(state, meta, name):
+        net = Tiny()
+        net.load_state_dict(state)
+        return net
+
+    try:
+        model = EmbeddingModel.load(str(path), "cpu", runtime="torch")
+        out = model.embed(torch.rand(2, 3, 32, 32))
+        assert out.shape == (2, 8) and np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+        assert model.meta.architecture == "tiny_test_net"
+    finally:
+        _BUILDERS.pop("tiny_test_net", None)
