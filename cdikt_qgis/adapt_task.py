@@ -19,6 +19,8 @@ from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import QObject
 from qgis.PyQt.QtWidgets import QMessageBox
 
+from model_backend.core.requests import Failure, Status  # torch-free
+
 from .engine_task import EngineTask
 from .notify import Notifier
 from .settings import (
@@ -193,7 +195,7 @@ class AdaptController(QObject):
             return
         self.panel.set_running(False)
         self._update_rollback()
-        if task.outcome == AdaptTask.OK:
+        if task.outcome.succeeded:
             res = task.result
             before, after = res.before, res.after
             figure = (f"top-1 {100 * before.top1:.0f} % → {100 * after.top1:.0f} %, median rank "
@@ -209,11 +211,11 @@ class AdaptController(QObject):
             self.refresh_models()
             self.panel.set_status(text)
             self._push(text, level, 0)
-        elif task.outcome == AdaptTask.CANCELLED:
+        elif task.outcome.status is Status.CANCELLED:
             self.panel.set_status("Adaptation cancelled; the active model is unchanged.")
         else:
             self.panel.set_status(task.message)
-            self._push(task.message, Qgis.Critical if task.outcome == AdaptTask.BUG else Qgis.Warning, 0)
+            self._push(task.message, Qgis.Warning if task.outcome.failure is Failure.INPUT else Qgis.Critical, 0)
             if task.details:
                 self.notifier.details(task.details)
 

@@ -9,12 +9,14 @@ same, so it lives here once.
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
+
+from model_backend.core.errors import MissingDependency  # torch-free, as requests
+from model_backend.core.requests import Outcome, Status
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +30,14 @@ TORCH_PACKAGES = ("torch", "torchvision", "timm")
 class EngineTask(QgsTask):
     """A cancellable task around one engine call (`work`), which must not touch layers or widgets.
 
-    ``on_done(task)`` is called from ``finished()`` on the main thread; it reads ``result``,
-    ``outcome`` (one of the kinds below), ``message`` (one line for the analyst) and ``details``
-    (a traceback for the log). ``progressed`` carries the engine's fraction and short message;
-    connect it to a QObject's method so Qt queues it to the main thread.
+    ``on_done(task)`` is called from ``finished()`` on the main thread; it reads ``outcome``, the
+    engine's typed `Outcome` (succeeded with ``result``, cancelled, or failed with one line for the
+    analyst and, for a bug, a traceback for the log). ``progressed`` carries the engine's fraction
+    and short message; connect it to a QObject's method so Qt queues it to the main thread.
     """
 
     progressed = pyqtSignal(float, str)
 
-    OK, CANCELLED, USER, NO_TORCH, BUG = "ok", "cancelled", "user", "no_torch", "bug"
     cancelled_message = "Cancelled."
     late_cancel_discards = True
     """A cancel that comes after the engine's last check: discard the result (it is stale for the
@@ -45,12 +46,24 @@ class EngineTask(QgsTask):
     def __init__(self, description: str, on_done: Callable[[Any], None] | None = None) -> None:
         super().__init__(description, QgsTask.CanCancel)
         self.on_done = on_done
-        self.result: Any = None
-        self.outcome: str | None = None
-        self.message = ""
-        self.details = ""
+        self.outcome: Outcome[Any] | None = None
         self.status_text = "Queued"
         LIVE_TASKS.add(self)
+
+    @property
+    def result(self) -> Any:
+        return self.outcome.value if self.outcome is not None else None
+
+    @property
+    def message(self) -> str:
+        """One line for the analyst: the failure or cancellation, or `done_message` on success."""
+        if self.outcome is None:
+            return ""
+        return self.done_message() if self.outcome.succeeded else self.outcome.message
+
+    @property
+    def details(self) -> str:
+        return self.outcome.details if self.outcome is not None else ""
 
     def work(self) -> Any:
         """The engine call, on the worker thread; raises the engine's errors. Returns the result."""
@@ -61,6 +74,15 @@ class EngineTask(QgsTask):
         return "Done."
 
     # -- worker thread -------------------------------------------------------------------------
+    def _work(self) -> Any:
+        """`work`, with a missing PyTorch turned into install advice instead of a traceback."""
+        try:
+            return self.work()
+        except ImportError as exc:
+            if (getattr(exc, "name", "") or "").split(".")[0] in TORCH_PACKAGES:
+                raise MissingDependency(f"{NO_TORCH_ADVICE} ({exc})") from exc
+            raise
+
     def _progress(self, fraction: float, message: str) -> None:
         fraction = min(max(float(fraction), 0.0), 1.0)
         self.status_text = message
@@ -68,62 +90,22 @@ class EngineTask(QgsTask):
         self.progressed.emit(fraction, message)
 
     def run(self) -> bool:
-        try:
-            from model_backend.core.errors import Cancelled, CdiktError
-        except ImportError as exc:
-            return self._fail_import(exc)
-        try:
-            self.result = self.work()
-        except Cancelled as exc:
-            return self._cancelled(str(exc))
-        except CdiktError as exc:
-            text = str(exc).strip()
-            self.outcome, self.message = self.USER, text.splitlines()[0] if text else type(exc).__name__
-            return False
-        except ImportError as exc:
-            return self._fail_import(exc)
-        except Exception as exc:  # a bug: keep everything for the log
-            self.outcome, self.message = self.BUG, f"{type(exc).__name__}: {exc}"
-            self.details = traceback.format_exc()
-            return False
-        if self.late_cancel_discards and self.isCanceled():
-            return self._cancelled()
-        self.outcome = self.OK
-        self.message = self.done_message()
-        return True
-
-    def _cancelled(self, text: str = "") -> bool:
-        """A cancel the user asked for is a clean end, not a failure.
-
-        Returning False would make QGIS announce "Task failed" in its message bar (it does so for
-        any terminated task that ran a few seconds while its window was not in front); the
-        description says it was cancelled instead.
-        """
-        self.outcome, self.message = self.CANCELLED, text or self.cancelled_message
-        self.setDescription(f"{self.description()} (cancelled)")
-        return True
-
-    def _fail_import(self, exc: ImportError) -> bool:
-        missing = getattr(exc, "name", "") or ""
-        if missing.split(".")[0] in TORCH_PACKAGES:
-            self.outcome = self.NO_TORCH
-            self.message = (
-                f"PyTorch is not available to QGIS's Python ({exc}). Install it with `make setup`, or "
-                "`pip install torch` into the Python env whose site-packages is set in the "
-                "cdikt/python_site_packages setting (or CDIKT_SITE_PACKAGES), then restart QGIS."
-            )
-        else:
-            self.outcome = self.BUG
-            self.message = f"The CDIKT engine could not be imported: {exc}"
-        self.details = traceback.format_exc()
-        return False
+        self.outcome = Outcome.of(self._work, self.cancelled_message)
+        if self.outcome.succeeded and self.late_cancel_discards and self.isCanceled():
+            self.outcome = Outcome.cancelled(self.cancelled_message)
+        if self.outcome.status is Status.CANCELLED:
+            # A cancel the user asked for is a clean end, not a failure: returning False would make
+            # QGIS announce "Task failed" (it does for any terminated task that ran a few seconds
+            # while its window was not in front). The description says it was cancelled instead.
+            self.setDescription(f"{self.description()} (cancelled)")
+            return True
+        return self.outcome.succeeded
 
     # -- main thread ---------------------------------------------------------------------------
     def finished(self, ok: bool) -> None:  # noqa: D401 (QGIS API)
         try:
-            if not ok and self.outcome is None:
-                # cancelled before run() started, or terminated by the task manager
-                self.outcome, self.message = self.CANCELLED, self.cancelled_message
+            if self.outcome is None:  # cancelled before run() started, or terminated by the task manager
+                self.outcome = Outcome.cancelled(self.cancelled_message)
             if self.on_done is not None:
                 self.on_done(self)
         except Exception:
@@ -131,3 +113,10 @@ class EngineTask(QgsTask):
         finally:
             self.on_done = None
             LIVE_TASKS.discard(self)
+
+
+NO_TORCH_ADVICE = (
+    "PyTorch is not available to QGIS's Python. Install it with `make setup`, or `pip install torch` into the "
+    "Python env whose site-packages is set in the cdikt/python_site_packages setting (or CDIKT_SITE_PACKAGES), "
+    "then restart QGIS."
+)

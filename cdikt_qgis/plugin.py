@@ -17,13 +17,15 @@ from qgis.PyQt.QtCore import QObject, Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
+from model_backend.core.requests import Failure, Status  # torch-free
+
 from .icons import icon_path
 from .layers import add_result_layers, export_candidates
 from .log import install as install_log
 from .log import uninstall as uninstall_log
 from .notify import Notifier
 from .settings import CdiktSettings
-from .tasks import LayerError, LocateParams, LocateTask, capture_raster
+from .tasks import LayerError, LocateParams, LocateTask, capture_raster, locate_request
 
 logger = logging.getLogger(__name__)
 MENU = "&CDIKT"
@@ -84,12 +86,7 @@ class LocateController(QObject):
         self.request += 1
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir = str(Path(self.settings.results_dir()) / f"{Path(photo).stem}-{stamp}-{self.request}")
-        task = LocateTask(
-            self.request, source, photo, out_dir, footprint_m=params.footprint_m,
-            footprint_auto=params.footprint_auto, top_k=params.top_k, cache_dir=self.settings.cache_dir,
-            weights=self.settings.weights_path, on_done=self._finished,
-            verify=params.verify, prior_radius_m=params.prior_radius_m,
-        )
+        task = LocateTask(self.request, locate_request(params, source, out_dir, self.settings), self._finished)
         task.progressed.connect(self._progress)
         self.task = task
         self.dock.set_running(True)
@@ -141,28 +138,29 @@ class LocateController(QObject):
     def _finished(self, task: LocateTask) -> None:
         if self._closed:
             return
-        if task.request != self.request:  # superseded: a newer request owns the dock now
-            logger.info("Ignoring the outcome (%s) of stale request %d", task.outcome, task.request)
+        if task.request_id != self.request:  # superseded: a newer request owns the dock now
+            logger.info("Ignoring the outcome (%s) of stale request %d", task.outcome.status.value, task.request_id)
             return
         self.task = None
         self.dock.set_running(False)
-        if task.outcome == LocateTask.OK:
+        outcome = task.outcome
+        if outcome.succeeded:
             self._show(task)
-        elif task.outcome == LocateTask.CANCELLED:
+        elif outcome.status is Status.CANCELLED:
             self.dock.set_progress(0.0)
             self.dock.set_status("Cancelled")
-        elif task.outcome == LocateTask.USER:
-            self.dock.set_status(task.message)
-            self._push(task.message, Qgis.Warning)
-        elif task.outcome == LocateTask.NO_TORCH:
+        elif outcome.failure is Failure.INPUT:
+            self.dock.set_status(outcome.message)
+            self._push(outcome.message, Qgis.Warning)
+        elif outcome.failure is Failure.MISSING_DEPENDENCY:
             self.dock.set_status("PyTorch is missing; see the message bar.")
-            self._push(task.message, Qgis.Critical, 0)
-            self.notifier.details(task.details)
+            self._push(outcome.message, Qgis.Critical, 0)
+            self.notifier.details(outcome.details)
         else:
-            self.dock.set_status(f"Failed: {task.message}")
-            text = f"Unexpected error: {task.message} (full traceback in the CDIKT log)."
+            self.dock.set_status(f"Failed: {outcome.message}")
+            text = f"Unexpected error: {outcome.message} (full traceback in the CDIKT log)."
             self._push(text, Qgis.Critical, 0)
-            self.notifier.details(task.details or task.message)
+            self.notifier.details(outcome.details or outcome.message)
 
     def _show(self, task: LocateTask) -> None:
         result = task.result

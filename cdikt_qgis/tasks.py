@@ -85,43 +85,35 @@ def capture_raster(layer: QgsMapLayer | None) -> RasterSource:
                         layer_id=layer.id())
 
 
-class LocateTask(EngineTask):
-    """Index the raster (cached by the engine) and locate one photo in it (see EngineTask)."""
+def locate_request(params: LocateParams, source: RasterSource, out_dir: str, settings: Any) -> Any:
+    """The engine's LocateRequest for what the dock collected: the same request the CLI and
+    Processing build, so every option reaches the engine the same way."""
+    from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig  # torch-free
+    from model_backend.core.requests import LocateRequest
 
-    def __init__(self, request: int, source: RasterSource, photo: str, out_dir: str, *,
-                 footprint_m: float, footprint_auto: bool, top_k: int, cache_dir: str | None,
-                 weights: str | None, on_done: Callable[[LocateTask], None] | None = None,
-                 verify: bool | None = None, prior_radius_m: float | None = None) -> None:
-        super().__init__(f"CDIKT: locating {Path(photo).name}", on_done)
+    return LocateRequest(
+        source.path, params.photo, out_dir, tiling=TilingConfig(footprint_m=float(params.footprint_m)),
+        query=QueryConfig(top_k=int(params.top_k), footprint_m=None if params.footprint_auto else params.footprint_m),
+        model=ModelConfig(weights=settings.weights_path), cache_dir=settings.cache_dir,
+        verify=params.verify, prior_radius_m=params.prior_radius_m)
+
+
+class LocateTask(EngineTask):
+    """Run one LocateRequest (the index is cached by the engine) on a worker thread (see EngineTask)."""
+
+    def __init__(self, request_id: int, request: Any, on_done: Callable[[LocateTask], None] | None = None) -> None:
+        super().__init__(f"CDIKT: locating {Path(request.photo).name}", on_done)
+        self.request_id = request_id
         self.request = request
-        self.source = source
-        self.photo = photo
-        self.out_dir = out_dir
-        self.footprint_m = float(footprint_m)
-        self.footprint_auto = bool(footprint_auto)
-        self.top_k = int(top_k)
-        self.cache_dir = cache_dir
-        self.weights = weights
-        self.verify = verify
-        self.prior_radius_m = prior_radius_m
         self._start = time.perf_counter()
 
     def work(self) -> Any:
-        from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
-        from model_backend.locate.pipeline import locate_photo
+        from model_backend.locate.pipeline import locate
 
         self._start = time.perf_counter()
-        os.makedirs(self.out_dir, exist_ok=True)
+        os.makedirs(self.request.out_dir, exist_ok=True)
         self._progress(0.0, "Starting…")
-        query_fp = None if self.footprint_auto else self.footprint_m
-        return locate_photo(
-            self.source.path, self.photo, self.out_dir,
-            tiling=TilingConfig(footprint_m=self.footprint_m),
-            query=QueryConfig(top_k=self.top_k, footprint_m=query_fp),
-            model=ModelConfig(weights=self.weights),
-            cache_dir=self.cache_dir, progress=self._progress, cancel=self.isCanceled,
-            verify=self.verify, prior_radius_m=self.prior_radius_m,
-        )
+        return locate(self.request, progress=self._progress, cancel=self.isCanceled)
 
     def done_message(self) -> str:
         return f"Done in {time.perf_counter() - self._start:.1f} s"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from model_backend.core.config import ADAPT_LOOKS, ModelConfig, QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, CdiktError
+from model_backend.core.requests import IndexRequest, LocateRequest
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -194,14 +195,14 @@ def _index(args: argparse.Namespace, model: ModelConfig) -> int:
     if env_world_size() > 1:  # started by torchrun: this rank embeds its share, rank 0 merges
         return _index_sharded(args, tiling, model)
 
-    from model_backend.index.ann import ensure_ann
-    from model_backend.index.build import build_index
+    from model_backend.index.build import index_raster
 
-    idx = build_index(args.raster, tiling, model,
-                      cache_dir=args.cache_dir, progress=_progress(args.verbose))
+    done = index_raster(IndexRequest(args.raster, tiling, model, cache_dir=args.cache_dir, ann=args.ann),
+                        progress=_progress(args.verbose))
+    idx = done.index
     print(json.dumps({"raster": args.raster, "index": str(idx.folder), "tiles": idx.n_tiles,
                       "footprint_m": idx.grid.footprint_m, "seconds": idx.manifest.get("seconds"),
-                      "ann": ensure_ann(idx, args.ann)}))
+                      "ann": done.ann_path}))
     return 0
 
 
@@ -253,16 +254,16 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
     if not photos:
         return EXIT_USER_ERROR
 
-    from model_backend.locate.pipeline import locate_photo
+    from model_backend.locate.pipeline import locate
     from model_backend.nn.embedder import EmbeddingModel
 
     net = EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
-    query = QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m)
+    base = LocateRequest(args.raster, "", args.out, tiling=tiling, model=model, cache_dir=args.cache_dir,
+                         query=QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m),
+                         verify=args.verify, prior_radius_m=args.prior_radius_m)
     for photo in photos:
         try:
-            res = locate_photo(args.raster, photo, args.out, tiling=tiling, query=query, model=model,
-                               cache_dir=args.cache_dir, progress=_progress(args.verbose), embedder=net,
-                               verify=args.verify, prior_radius_m=args.prior_radius_m)
+            res = locate(replace(base, photo=photo), progress=_progress(args.verbose), embedder=net)
         except Cancelled:
             raise
         except CdiktError as exc:

@@ -65,17 +65,18 @@ class BuildIndexAlgorithm(CdiktAlgorithm):
         inputs = self.inputs()
         bridge = EngineFeedback(feedback)
         import_engine()
-        from model_backend.index.ann import ensure_ann
-        from model_backend.index.build import build_index
+        from model_backend.core.requests import IndexRequest
+        from model_backend.index.build import index_raster
 
         with engine_errors():
             if bridge.cancel():  # cancelled before the start: do not even load the model
                 from model_backend.core.errors import Cancelled
 
                 raise Cancelled()
-            idx = build_index(inputs.source.path, inputs.tiling(), inputs.model(), cache_dir=inputs.cache_dir,
-                              progress=bridge.progress, cancel=bridge.cancel)
-            ann = ensure_ann(idx, self.parameterAsEnumString(parameters, ANN, context) or ANN_MODES[0])
+            request = IndexRequest(inputs.source.path, inputs.tiling(), inputs.model(), cache_dir=inputs.cache_dir,
+                                   ann=self.parameterAsEnumString(parameters, ANN, context) or ANN_MODES[0])
+            done = index_raster(request, progress=bridge.progress, cancel=bridge.cancel)
+            idx, ann = done.index, done.ann_path
         bridge.feedback.pushInfo(f"Index of {idx.n_tiles} tiles ({idx.grid.footprint_m:g} m footprint): {idx.folder}"
                                  + (f"; compressed index {ann}" if ann else ""))
         return {INDEX_DIR: str(idx.folder), TILES: idx.n_tiles, ANN_FILE: ann or ""}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +194,9 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
         import_engine()
         from model_backend.core.config import QueryConfig
         from model_backend.core.errors import Cancelled, CdiktError
+        from model_backend.core.requests import LocateRequest
         from model_backend.geo.raster import open_raster
-        from model_backend.locate.pipeline import locate_photo
+        from model_backend.locate.pipeline import locate
         from model_backend.nn.embedder import EmbeddingModel
 
         with engine_errors():
@@ -216,8 +218,11 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
                             rotations=self.parameterAsInt(parameters, ROTATIONS, context),
                             footprint_m=None if self.parameterAsBoolean(parameters, FROM_EXIF, context)
                             else inputs.footprint_m)
-        verify = None if self.parameterAsBoolean(parameters, VERIFY, context) else False  # None: when nadir enough
-        near_gps = self.parameterAsDouble(parameters, NEAR_GPS, context) or None
+        base = LocateRequest(  # the dock and the CLI build the same request; only photo and folder vary here
+            inputs.source.path, "", root, tiling=inputs.tiling(), query=query, model=inputs.model(),
+            cache_dir=inputs.cache_dir,
+            verify=None if self.parameterAsBoolean(parameters, VERIFY, context) else False,  # None: if nadir enough
+            prior_radius_m=self.parameterAsDouble(parameters, NEAR_GPS, context) or None)
         heatmaps: list[tuple[str, str]] = []
         failures: list[str] = []
         for i, (photo, out_dir) in enumerate(zip(photos, output_folders(photos, root))):
@@ -225,9 +230,8 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
             name = Path(photo).name
             feedback.pushInfo(f"Photo {i + 1} of {len(photos)}: {name}")
             try:
-                res = locate_photo(inputs.source.path, photo, out_dir, tiling=inputs.tiling(), query=query,
-                                   model=inputs.model(), cache_dir=inputs.cache_dir, progress=part.progress,
-                                   cancel=part.cancel, embedder=net, verify=verify, prior_radius_m=near_gps)
+                res = locate(replace(base, photo=photo, out_dir=out_dir), progress=part.progress, cancel=part.cancel,
+                             embedder=net)
             except Cancelled as exc:
                 raise QgsProcessingException(one_line(exc)) from None
             except CdiktError as exc:

@@ -21,3 +21,7 @@ class Cancelled(CdiktError):
 
     def __init__(self, message: str = "Cancelled by the user; finished work was kept and will be reused.") -> None:
         super().__init__(message)
+
+
+class MissingDependency(CdiktError):
+    """A package the job needs is not installed; the message says how to install it."""

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from model_backend.core.config import ModelConfig, TilingConfig
 from model_backend.core.dist import Shard, barrier, broadcast
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.core.paths import default_cache_dir
+from model_backend.core.requests import IndexRequest
 from model_backend.geo.raster import RasterInfo, open_raster
 from model_backend.geo.reader import StripReader, compute_stretch
 from model_backend.geo.tiling import TileGrid, make_grid
@@ -284,3 +286,21 @@ def gather_parts(writer: IndexWriter, shard: Shard) -> None:
     if missing and shard.is_main:
         log.info("Received %d chunks from other ranks", len(missing))
     barrier()
+
+
+@dataclass(frozen=True)
+class IndexedRaster:
+    """What `index_raster` gives back: the index, and the compressed index's path when there is one."""
+
+    index: TileIndex
+    ann_path: str | None
+
+
+def index_raster(request: IndexRequest, *, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None) -> IndexedRaster:
+    """The job as every front end asks for it: one IndexRequest, unchanged (see core.requests)."""
+    from model_backend.index.ann import ensure_ann
+
+    idx = build_index(request.raster, request.tiling, request.model, cache_dir=request.cache_dir,
+                      progress=progress, cancel=cancel)
+    return IndexedRaster(idx, ensure_ann(idx, request.ann))

@@ -16,6 +16,7 @@ import numpy as np
 
 from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, InputError
+from model_backend.core.requests import LocateRequest
 from model_backend.geo.exif import load_photo, read_priors
 from model_backend.geo.geodesy import ground_distance
 from model_backend.geo.raster import RasterInfo, open_raster
@@ -188,3 +189,11 @@ def _prepare_out_dir(out_dir: str) -> Path:
     except OSError as exc:
         raise InputError(f"Cannot create the output folder {out} ({exc.strerror}); choose another --out.") from None
     return out
+
+
+def locate(request: LocateRequest, *, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+           embedder: EmbeddingModel | None = None) -> LocateResult:
+    """The job as every front end asks for it: one LocateRequest, unchanged (see core.requests)."""
+    return locate_photo(request.raster, request.photo, request.out_dir, tiling=request.tiling, query=request.query,
+                        model=request.model, cache_dir=request.cache_dir, progress=progress, cancel=cancel,
+                        embedder=embedder, verify=request.verify, prior_radius_m=request.prior_radius_m)

@@ -59,7 +59,7 @@ def test_a_cancelled_adaptation_leaves_the_active_model_unchanged(iface, case: d
     assert wait_until(lambda: bool(progress) or controller.task is None, 120)  # the engine is at work
     panel.adapt_button.click()  # the same button cancels while running
     assert wait_until(lambda: controller.task is None, 120)
-    assert task.outcome == task.CANCELLED, task.message
+    assert task.outcome.status.value == "cancelled", task.message
     from qgis.core import QgsTask
 
     assert task.status() == QgsTask.Complete  # not "Task failed" in QGIS's message bar
@@ -96,7 +96,7 @@ def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface
     monkeypatch.setattr(model_backend.learn.adapt, "adapt", _fake_adapt(0.25, 0.75))
     first = controller.adapt()
     assert wait_until(lambda: controller.task is None, 60)
-    assert first.outcome == first.OK and settings.weights_path == first.params.out
+    assert first.outcome.succeeded and settings.weights_path == first.params.out
     assert "now active" in panel.status.text() and "25 % → 75 %" in panel.status.text()
     second = controller.adapt()  # adapting the adapted model: a chain of versions
     assert wait_until(lambda: controller.task is None, 60)
@@ -121,7 +121,7 @@ def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface
     monkeypatch.setattr(model_backend.learn.adapt, "adapt", _fake_adapt(0.75, 0.25))
     worse = controller.adapt()
     assert wait_until(lambda: controller.task is None, 60)
-    assert worse.outcome == worse.OK and settings.weights_path == first.params.out  # not better: not activated
+    assert worse.outcome.succeeded and settings.weights_path == first.params.out  # not better: not activated
     assert "stays active" in panel.status.text()
 
 

@@ -14,6 +14,8 @@ import pytest
 pytest.importorskip("torch")
 locate = pytest.importorskip("model_backend.locate.pipeline")
 
+from model_backend.core.requests import Status
+
 from .qgis_helpers import DATA, wait_until
 
 RASTER = DATA / "manila_oam_0.10m.tif"
@@ -78,7 +80,6 @@ def _start(plugin):
 def test_locate_adds_styled_layers_and_exports_geojson(plugin, iface, photo, tmp_path: Path) -> None:
     from qgis.core import QgsProject, QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer
 
-    from cdikt_qgis.tasks import LocateTask
     from model_backend.locate.export import geojson_problems
 
     dock = plugin.dock
@@ -86,7 +87,7 @@ def test_locate_adds_styled_layers_and_exports_geojson(plugin, iface, photo, tmp
     task = _start(plugin)
     assert dock.cancel_button.isEnabled()
     assert wait_until(lambda: _done(task), 90), dock.status.text()
-    assert task.outcome == LocateTask.OK, task.message + task.details
+    assert task.outcome.succeeded, task.message + task.details
 
     group = QgsProject.instance().layerTreeRoot().children()[0]
     assert group.name() == "view_0001.jpg"
@@ -118,7 +119,6 @@ def test_cancel_leaves_no_finished_looking_index_and_says_cancelled(plugin, ifac
     from qgis.core import QgsTask
 
     from cdikt_qgis.settings import CdiktSettings
-    from cdikt_qgis.tasks import LocateTask
 
     cache = tmp_path / "chosen-cache"
     CdiktSettings().cache_dir = cache  # the engine must get the cache from the settings
@@ -127,7 +127,7 @@ def test_cancel_leaves_no_finished_looking_index_and_says_cancelled(plugin, ifac
     assert wait_until(lambda: task.status() == QgsTask.Running or _done(task), 30)
     plugin.dock.cancel_button.click()
     assert wait_until(lambda: _done(task), 60)
-    assert task.outcome == LocateTask.CANCELLED
+    assert task.outcome.status is Status.CANCELLED
     # a clean end for QGIS too: a terminated task would be announced as "Task failed"
     assert task.status() == QgsTask.Complete and task.description().endswith("(cancelled)")
     assert plugin.dock.status.text() == "Cancelled"
@@ -140,7 +140,6 @@ def test_cancel_leaves_no_finished_looking_index_and_says_cancelled(plugin, ifac
 def test_locate_is_disabled_while_running_and_a_scripted_request_supersedes(plugin, photo) -> None:
     """A second click cannot silently restart (the button is off); a script calling the controller
     supersedes the running request, and only the newest result is shown."""
-    from cdikt_qgis.tasks import LocateTask
 
     _fill(plugin.dock, photo["path"], top_k=2)
     first = _start(plugin)
@@ -151,7 +150,7 @@ def test_locate_is_disabled_while_running_and_a_scripted_request_supersedes(plug
     second = plugin.controller.locate(plugin.dock.params())
     assert first is not second and first.isCanceled()
     assert wait_until(lambda: _done(first) and _done(second), 90)
-    assert first.outcome == LocateTask.CANCELLED and second.outcome == LocateTask.OK, second.message
+    assert first.outcome.status is Status.CANCELLED and second.outcome.succeeded, second.message
     groups = _groups()
     assert len(groups) == 1
     assert groups[0].findLayers()[0].layer().featureCount() == 3
@@ -201,7 +200,6 @@ def test_the_dock_shows_the_footprint_used_and_lists_candidates_to_accept(plugin
 def test_unload_cancels_a_running_task(iface, plugin, photo, tmp_path: Path) -> None:
     from qgis.core import QgsTask
 
-    from cdikt_qgis.tasks import LocateTask
 
     _fill(plugin.dock, photo["path"])
     task = _start(plugin)
@@ -209,7 +207,7 @@ def test_unload_cancels_a_running_task(iface, plugin, photo, tmp_path: Path) -> 
     plugin.unload()
     assert task.isCanceled() or task.status() == QgsTask.Terminated
     assert wait_until(lambda: _done(task), 60)
-    assert task.outcome == LocateTask.CANCELLED
+    assert task.outcome.status is Status.CANCELLED
     assert _groups() == []
     assert list((tmp_path / "cache").glob("indexes/*/manifest.json")) == []
     assert iface.docks() == [] and iface.toolbar_actions() == []
@@ -226,40 +224,49 @@ def test_engine_input_error_becomes_a_one_line_warning(plugin, iface, photo) -> 
     assert plugin.dock.status.text() == text
 
 
+def _request(plugin, photo: str, out_dir: str):
+    from cdikt_qgis.tasks import LocateParams, capture_raster, locate_request
+
+    params = LocateParams(layer=plugin.raster, photo=photo, footprint_m=60.0, footprint_auto=False, top_k=3)
+    return locate_request(params, capture_raster(plugin.raster), out_dir, plugin.controller.settings)
+
+
 def test_a_bug_is_critical_with_the_traceback_in_the_log(plugin, iface, photo, tmp_path: Path) -> None:
     from qgis.core import Qgis, QgsApplication
 
-    from cdikt_qgis.tasks import LocateTask, capture_raster
+    from cdikt_qgis.tasks import LocateTask
+    from model_backend.core.requests import Failure
 
     logged: list[str] = []
     QgsApplication.messageLog().messageReceived.connect(lambda msg, tag, level: logged.append(msg))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    task = LocateTask(99, capture_raster(plugin.raster), photo["path"], str(blocker / "out"),
-                      footprint_m=60, footprint_auto=False, top_k=3, cache_dir=None, weights=None,
-                      on_done=plugin.controller._finished)
+    task = LocateTask(99, _request(plugin, photo["path"], str(blocker / "out")), plugin.controller._finished)
     plugin.controller.request = 99
     assert task.run() is False
+    assert task.outcome.failure is Failure.BUG
     task.finished(False)
     title, text, level = iface.messages()[-1]
     assert level == int(Qgis.Critical) and text.startswith("Unexpected error:")
     assert any("Traceback (most recent call last)" in m for m in logged)
 
 
-def test_missing_torch_says_how_to_install(plugin, iface, photo) -> None:
+def test_missing_torch_says_how_to_install(plugin, iface, photo, tmp_path: Path) -> None:
     from qgis.core import Qgis
 
-    from cdikt_qgis.tasks import LocateTask, capture_raster
+    from cdikt_qgis.tasks import LocateTask
+    from model_backend.core.requests import Failure
 
-    task = LocateTask(7, capture_raster(plugin.raster), photo["path"], "/unused", footprint_m=60,
-                      footprint_auto=True, top_k=3, cache_dir=None, weights=None,
-                      on_done=plugin.controller._finished)
+    class NoTorch(LocateTask):
+        def work(self):
+            err = ImportError("No module named 'torch'")
+            err.name = "torch"
+            raise err
+
+    task = NoTorch(7, _request(plugin, photo["path"], str(tmp_path / "out")), plugin.controller._finished)
     plugin.controller.request = 7
-    try:
-        import torch_that_is_not_installed  # noqa: F401
-    except ImportError as exc:
-        exc.name = "torch"
-        task._fail_import(exc)
+    assert task.run() is False
+    assert task.outcome.failure is Failure.MISSING_DEPENDENCY
     task.finished(False)
     title, text, level = iface.messages()[-1]
     assert level == int(Qgis.Critical) and "make setup" in text and "cdikt/python_site_packages" in text

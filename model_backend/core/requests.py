@@ -1,0 +1,112 @@
+"""One request object per job, and one typed outcome for all of them.
+
+The dock, the Processing algorithms and the command line each build the same request for the
+same job and hand it unchanged to the engine (`locate.pipeline.locate`, `index.build.index`), so
+an option exists everywhere or nowhere and a front end cannot quietly drop one. What comes back
+to a front end that must not raise (a QGIS task) is an `Outcome`: succeeded with a value,
+cancelled, or failed with one line for the user, and for a bug the traceback for the log.
+Torch-free: the plugin builds requests on QGIS's main thread.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
+from model_backend.core.errors import Cancelled, CdiktError, MissingDependency
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LocateRequest:
+    """Locate one photo on one raster; outputs go to `out_dir` (<stem>.heatmap.tif, .matches.*)."""
+
+    raster: str
+    photo: str
+    out_dir: str
+    tiling: TilingConfig = TilingConfig()
+    query: QueryConfig = QueryConfig()
+    model: ModelConfig = ModelConfig()
+    cache_dir: str | None = None
+    verify: bool | None = None
+    """None: verify when the photo looks down enough (the engine decides); False: never; True: always."""
+    prior_radius_m: float | None = None
+    """Score only tiles this close to the photo's EXIF position; None: the whole raster."""
+
+
+@dataclass(frozen=True)
+class IndexRequest:
+    """Embed every tile of a raster once (reused from the cache when it exists)."""
+
+    raster: str
+    tiling: TilingConfig = TilingConfig()
+    model: ModelConfig = ModelConfig()
+    cache_dir: str | None = None
+    ann: str = "auto"
+    """Compressed index: 'auto' (very large rasters), 'on' or 'off' (index.ann.ensure_ann)."""
+
+
+class Status(Enum):
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class Failure(Enum):
+    """Why a job failed, which decides how a front end shows it."""
+
+    INPUT = "input"
+    """The user's input or environment: the message says what to do."""
+    MISSING_DEPENDENCY = "missing dependency"
+    """A package is not installed (PyTorch in QGIS's Python): the message says how to install it."""
+    BUG = "bug"
+    """Anything else: the details hold the traceback for the log."""
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What a job came to; `value` only when it succeeded."""
+
+    status: Status
+    value: T | None = None
+    message: str = ""
+    """One line for the user (empty when it succeeded)."""
+    failure: Failure | None = None
+    details: str = ""
+    """A traceback, for the log."""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is Status.SUCCEEDED
+
+    @classmethod
+    def of(cls, job: Callable[[], T], cancelled_message: str = "Cancelled.") -> Outcome[T]:
+        """Run `job` and say how it ended; never raises (a QGIS task must not)."""
+        try:
+            return cls(Status.SUCCEEDED, job())
+        except Cancelled as exc:
+            return cls.cancelled(str(exc) or cancelled_message)
+        except MissingDependency as exc:
+            return cls.failed(Failure.MISSING_DEPENDENCY, _one_line(exc), traceback.format_exc())
+        except CdiktError as exc:
+            return cls.failed(Failure.INPUT, _one_line(exc))
+        except Exception as exc:  # a bug: keep everything for the log
+            return cls.failed(Failure.BUG, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    @classmethod
+    def cancelled(cls, message: str = "Cancelled.") -> Outcome[Any]:
+        return cls(Status.CANCELLED, message=message)
+
+    @classmethod
+    def failed(cls, failure: Failure, message: str, details: str = "") -> Outcome[Any]:
+        return cls(Status.FAILED, message=message, failure=failure, details=details)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
