@@ -19,7 +19,8 @@ from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import QObject
 from qgis.PyQt.QtWidgets import QMessageBox
 
-from model_backend.core.requests import Failure, Status  # torch-free
+from model_backend.core.errors import CdiktError  # torch-free
+from model_backend.core.requests import Failure, Status
 
 from .engine_task import EngineTask
 from .notify import Notifier
@@ -125,7 +126,8 @@ class AdaptController(QObject):
         """Roll back only when the active model is an adapted version (the embedded default has no parent)."""
         try:
             possible = rollback_target(self.settings)[0]
-        except Exception:  # an unreadable registry: the button stays off, adapting will report the problem
+        except (OSError, ValueError, CdiktError) as exc:  # an unreadable registry: the button stays off
+            log.warning("Model registry unreadable, Roll back disabled: %s", exc)
             possible = False
         self.panel.rollback_button.setEnabled(possible and self.task is None)
 

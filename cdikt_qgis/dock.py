@@ -8,7 +8,6 @@ not find how to cancel).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ from qgis.PyQt.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+from model_backend.geo.geodesy import GEOD  # torch-free: great-circle metres
 
 from .model_panel import ModelPanel, ProgressStatus
 from .settings import CdiktSettings
@@ -281,7 +282,7 @@ class LocateDock(ProgressStatus, QDockWidget):
         for row, c in enumerate(cands):
             verified = getattr(c, "verified", None)
             cells = [f"{c.rank}", f"{c.score:.3f}", "✓" if verified else ("✗" if verified is False else "–"),
-                     "—" if row == 0 else f"{_ground_m(cands[0], c):,.0f} m"]
+                     "—" if row == 0 else f"{GEOD.inv(cands[0].lon, cands[0].lat, c.lon, c.lat)[2]:,.0f} m"]
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 item.setData(Qt.UserRole, c.rank)
@@ -296,10 +297,6 @@ class LocateDock(ProgressStatus, QDockWidget):
             return 1
         item = self.candidates_table.item(rows[0].row(), 0)
         return int(item.data(Qt.UserRole)) if item is not None else 1
-
-    def clear_result(self) -> None:
-        self.candidates_table.setRowCount(0)
-        self.footprint_used.setText("")
 
     # -- state shown to the user ---------------------------------------------------------------
     def set_running(self, running: bool) -> None:
@@ -331,10 +328,3 @@ class LocateDock(ProgressStatus, QDockWidget):
     def set_result_available(self, available: bool) -> None:
         self.export_button.setEnabled(available)
         self.model_panel.accept_button.setEnabled(available)
-
-
-def _ground_m(a: Any, b: Any) -> float:
-    """Great-circle metres between two candidates' centres (their lon/lat are WGS84 whatever the raster's CRS)."""
-    p1, p2 = math.radians(a.lat), math.radians(b.lat)
-    h = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(b.lon - a.lon) / 2) ** 2
-    return 2 * 6_371_008.8 * math.asin(min(1.0, math.sqrt(h)))

@@ -23,7 +23,6 @@ from qgis.core import (
     QgsGradientColorRamp,
     QgsGradientStop,
     QgsLayerTreeGroup,
-    QgsLayerTreeNode,
     QgsPalLayerSettings,
     QgsProject,
     QgsRasterBandStats,
@@ -223,15 +222,9 @@ def candidates_layer(path: str, name: str = "Candidates", geojson_path: str | No
     return layer
 
 
-def result_groups(node: QgsLayerTreeNode) -> list[QgsLayerTreeGroup]:
+def result_groups(node: QgsLayerTreeGroup) -> list[QgsLayerTreeGroup]:
     """Every CDIKT result group under ``node``, at any depth (an analyst may have moved them)."""
-    found = []
-    for child in node.children():
-        if isinstance(child, QgsLayerTreeGroup):
-            if child.customProperty(RESULT_GROUP_PROPERTY):
-                found.append(child)
-            found.extend(result_groups(child))
-    return found
+    return [g for g in node.findGroups(True) if g.customProperty(RESULT_GROUP_PROPERTY)]
 
 
 def add_result_layers(result: Any, project: QgsProject | None = None,

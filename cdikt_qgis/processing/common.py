@@ -30,6 +30,7 @@ from qgis.core import (
     QgsRasterLayer,
 )
 
+from ..engine_task import NO_TORCH_ADVICE
 from ..settings import CdiktSettings
 from ..tasks import LayerError, RasterSource, capture_raster
 
@@ -42,11 +43,6 @@ CACHE_DIR = "CACHE_DIR"
 DEVICES = ("auto", "cpu", "cuda")
 HELP_URL = "https://github.com/cdikt-qgis/cdikt-qgis"
 
-NO_TORCH = (
-    "PyTorch is not available to QGIS's Python ({error}). Install it with `make setup`, or `pip install torch` "
-    "into the Python env whose site-packages is set in the cdikt/python_site_packages setting (or "
-    "CDIKT_SITE_PACKAGES), then restart QGIS."
-)
 
 MODEL_HELP = (
     "<p><b>Model weights</b>: a .pt/.pth/.safetensors file; empty uses the plugin setting, else the embedded "
@@ -134,7 +130,7 @@ def import_engine() -> None:
     except ImportError as exc:
         missing = (getattr(exc, "name", "") or "").split(".")[0]
         if missing in ("torch", "torchvision", "timm"):
-            raise QgsProcessingException(NO_TORCH.format(error=exc)) from None
+            raise QgsProcessingException(f"{NO_TORCH_ADVICE} ({exc})") from None
         raise QgsProcessingException(
             f"The CDIKT engine could not be imported ({exc}); a package in QGIS's Python may shadow one torch "
             "needs (check the cdikt/python_site_packages setting).") from None
@@ -192,7 +188,7 @@ class CdiktAlgorithm(QgsProcessingAlgorithm):
     def canExecute(self) -> tuple[bool, str]:  # noqa: N802
         """Grey the algorithm out with install advice when torch cannot be found (cheap: no import)."""
         if importlib.util.find_spec("torch") is None:
-            return False, NO_TORCH.format(error="No module named 'torch'")
+            return False, f"{NO_TORCH_ADVICE} (No module named 'torch')"
         return True, ""
 
     # -- parameters ------------------------------------------------------------------------

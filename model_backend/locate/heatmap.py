@@ -15,6 +15,8 @@ heatmap never paints colour over an area that has no imagery to match.
 
 from __future__ import annotations
 
+import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +82,20 @@ def _box_spread(tiles: np.ndarray, k: int) -> np.ndarray:
 
 
 def valid_cells(raster_path: str, grid: TileGrid) -> np.ndarray:
+    """Share of each heatmap cell that is valid data (see `_valid_cells`), read once per raster
+    version and grid: every photo of a flight on one raster needs the same mask."""
+    st = os.stat(raster_path)
+    return _valid_cells(str(raster_path), st.st_mtime_ns, st.st_size, grid)
+
+
+@lru_cache(maxsize=8)
+def _valid_cells(raster_path: str, mtime_ns: int, size: int, grid: TileGrid) -> np.ndarray:
     """Share of each heatmap cell's area that is valid data in the raster, shape (cell_rows, cell_cols).
 
     The raster's dataset mask (nodata, alpha or mask band, whatever GDAL honours) is read once,
     averaged straight down to the heatmap's grid by GDAL, so a mosaic of any size costs one
-    decimated read and never a full-resolution mask in memory. A raster without any mask is all
-    valid and is not read at all.
+    decimated read and never a full-resolution mask in memory. A raster without any mask is
+    sampled for the undeclared black collar the tile reader also skips (`_non_black_share`).
     """
     shape = (grid.cell_rows, grid.cell_cols)
     with rasterio.open(raster_path) as ds:
@@ -98,7 +108,9 @@ def valid_cells(raster_path: str, grid: TileGrid) -> np.ndarray:
         if all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums):
             return _non_black_share(ds, window, shape)
         mask = dataset_mask(ds, window=window, out_shape=shape, resampling=Resampling.average)
-    return mask.astype(np.float32) / 255.0
+    share = mask.astype(np.float32) / 255.0
+    share.flags.writeable = False  # shared by every caller through the cache
+    return share
 
 
 SAMPLES_PER_CELL = 4
@@ -115,7 +127,9 @@ def _non_black_share(ds: rasterio.io.DatasetReader, window: Window, shape: tuple
     data = ds.read(bands, window=window, out_shape=(len(bands), shape[0] * k, shape[1] * k),
                    resampling=Resampling.nearest)
     valid = data.max(axis=0) > 0
-    return valid.reshape(shape[0], k, shape[1], k).mean(axis=(1, 3)).astype(np.float32)
+    share = valid.reshape(shape[0], k, shape[1], k).mean(axis=(1, 3)).astype(np.float32)
+    share.flags.writeable = False  # shared by every caller through the cache
+    return share
 
 
 def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray,
