@@ -87,7 +87,7 @@ def uint8_embedder(net: EmbeddingModel) -> Embed | None:
 
 
 def tile_batches(reader: StripReader, model: EmbeddingModel, r0: int, r1: int, batch_size: int,
-             min_valid: float, raw: bool = False) -> Iterator[Batch]:
+                 min_valid: float, raw: bool = False) -> Iterator[Batch]:
     """Kept tiles of rows [r0, r1) in batches; tiles mostly nodata are dropped here.
 
     Kept tiles are gathered straight from the reader's strip views into one (B, 3, S, S) uint8
