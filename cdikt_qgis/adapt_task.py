@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,9 @@ from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import QObject
 from qgis.PyQt.QtWidgets import QMessageBox
 
+from model_backend.core.config import ModelConfig  # torch-free
 from model_backend.core.errors import CdiktError  # torch-free
-from model_backend.core.requests import Failure, Status
+from model_backend.core.requests import AdaptRequest, Failure, Status
 
 from .engine_task import EngineTask
 from .notify import Notifier
@@ -59,37 +59,28 @@ def ask_to_adapt_with_few_pairs(parent, n: int) -> bool:
     return answer == QMessageBox.Yes
 
 
-@dataclass(frozen=True)
-class AdaptParams:
-    """Plain values for the worker thread."""
-
-    raster: RasterSource
-    labels: str
-    weights: str | None
-    out: str
-    data_dir: str
-    cache_dir: str | None = None
-    epochs: int | None = None
+def adapt_request(source: RasterSource, labels: Path, out: Path, data_dir: str, settings: CdiktSettings,
+                  epochs: int | None = None) -> AdaptRequest:
+    """The engine's AdaptRequest for the dock: the same request the CLI and Processing build."""
+    return AdaptRequest(source.path, str(labels), str(out), ModelConfig(weights=settings.weights_path),
+                        cache_dir=settings.cache_dir, epochs=epochs, data_dir=data_dir)
 
 
 class AdaptTask(EngineTask):
-    """Run one adaptation (see EngineTask); ``result`` is the engine's AdaptResult."""
+    """Run one AdaptRequest (see EngineTask); ``result`` is the engine's AdaptResult."""
 
     cancelled_message = "Adaptation cancelled; the active model is unchanged."
     late_cancel_discards = False
 
-    def __init__(self, params: AdaptParams, on_done: Callable[[AdaptTask], None] | None = None) -> None:
-        super().__init__(f"CDIKT: adapting the model to {params.raster.name}", on_done)
-        self.params = params
+    def __init__(self, request: AdaptRequest, raster_name: str,
+                 on_done: Callable[[AdaptTask], None] | None = None) -> None:
+        super().__init__(f"CDIKT: adapting the model to {raster_name}", on_done)
+        self.request = request
 
     def work(self) -> Any:
-        from model_backend.learn.adapt import AdaptConfig, adapt
-        from model_backend.learn.versions import ModelRegistry
+        from model_backend.learn.adapt import adapt_model
 
-        p = self.params
-        config = AdaptConfig() if p.epochs is None else AdaptConfig(epochs=p.epochs)
-        return adapt(p.raster.path, p.labels, p.out, p.weights, config=config, cache_dir=p.cache_dir,
-                     registry=ModelRegistry(p.data_dir), progress=self._progress, cancel=self.isCanceled)
+        return adapt_model(self.request, progress=self._progress, cancel=self.isCanceled)
 
 
 class AdaptController(QObject):
@@ -176,9 +167,8 @@ class AdaptController(QObject):
 
         data_dir = engine_default_data_dir()
         out = ModelRegistry(data_dir).new_path()
-        params = AdaptParams(source, str(labels), self.settings.weights_path, str(out), data_dir,
-                             self.settings.cache_dir)
-        task = AdaptTask(params, on_done=self._finished)
+        task = AdaptTask(adapt_request(source, labels, out, data_dir, self.settings), source.name,
+                         on_done=self._finished)
         task.progressed.connect(self.panel.set_progress)
         self.task = task
         self.panel.set_running(True)

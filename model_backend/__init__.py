@@ -15,13 +15,17 @@ __version__ = "0.1.0"
 _API = {
     "TilingConfig": "core.config", "ModelConfig": "core.config", "QueryConfig": "core.config",
     "CdiktError": "core.errors", "InputError": "core.errors", "Cancelled": "core.errors",
+    "LocateRequest": "core.requests", "IndexRequest": "core.requests", "AdaptRequest": "core.requests",
+    "Outcome": "core.requests", "Status": "core.requests", "Failure": "core.requests",
     "open_raster": "geo.raster", "RasterInfo": "geo.raster",
     "make_grid": "geo.tiling", "TileGrid": "geo.tiling",
     "EmbeddingModel": "nn.embedder",
-    "build_index": "index.build", "TileIndex": "index.store",
-    "locate_photo": "locate.pipeline", "LocateResult": "locate.pipeline", "Candidate": "locate.candidates",
+    "build_index": "index.build", "index_raster": "index.build", "TileIndex": "index.store",
+    "locate": "locate.pipeline", "locate_photo": "locate.pipeline", "LocateResult": "locate.pipeline",
+    "Candidate": "locate.candidates", "TileScores": "locate.scores", "score_tiles": "locate.query",
     "read_labels": "learn.labels", "write_labels": "learn.labels", "ModelRegistry": "learn.versions",
-    "adapt": "learn.adapt", "AdaptConfig": "learn.adapt",
+    "adapt_model": "learn.adapt", "adapt": "learn.adapt", "AdaptConfig": "learn.adapt",
+    "AdaptResult": "learn.adapt",
 }
 
 __all__ = ["__version__", *_API]

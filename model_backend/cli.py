@@ -17,7 +17,7 @@ from pathlib import Path
 
 from model_backend.core.config import ADAPT_LOOKS, ModelConfig, QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, CdiktError
-from model_backend.core.requests import IndexRequest, LocateRequest
+from model_backend.core.requests import AdaptRequest, IndexRequest, LocateRequest
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.weights and not Path(args.weights).exists():  # before torch is imported: fails in a blink
             raise_user(f"Weights file not found: {args.weights}. Check --weights.")
         if args.command == "adapt":
-            return _adapt(args)
+            return _adapt(args, model)
         if args.command == "train":
             from model_backend.learn.training.command import run as run_train
 
@@ -156,20 +156,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
-def _adapt(args: argparse.Namespace) -> int:
+def _adapt(args: argparse.Namespace, model: ModelConfig) -> int:
     """Prints one JSON object: the before/after validation figures, the new model and what was trained."""
     from model_backend.learn.labels import read_labels
 
     if args.epochs is not None and args.epochs < 1:
         raise_user(f"--epochs must be at least 1, got {args.epochs}.")
-    labels = read_labels(args.labels)  # a bad labels file fails before torch is imported
+    request = AdaptRequest(args.raster, args.labels, args.out, model, cache_dir=args.cache_dir,
+                           photos=tuple(args.photos), epochs=args.epochs, look=args.look, seed=args.seed)
+    read_labels(args.labels)  # a bad labels file fails before torch is imported
 
-    from model_backend.learn.adapt import AdaptConfig, adapt
-    from model_backend.learn.versions import ModelRegistry
+    from model_backend.learn.adapt import adapt_model
 
-    config = AdaptConfig(seed=args.seed, look=args.look, **({"epochs": args.epochs} if args.epochs else {}))
-    result = adapt(args.raster, labels, args.out, args.weights, config=config, photos=args.photos,
-                   cache_dir=args.cache_dir, registry=ModelRegistry(), progress=_progress(args.verbose))
+    result = adapt_model(request, progress=_progress(args.verbose))
     print(result.json_line(), flush=True)
     return 0
 

@@ -126,18 +126,17 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
         bridge = EngineFeedback(feedback)
         import_engine()
         from model_backend.core.errors import Cancelled
-        from model_backend.learn.adapt import AdaptConfig, adapt
-        from model_backend.learn.versions import ModelRegistry
+        from model_backend.core.requests import AdaptRequest
+        from model_backend.learn.adapt import adapt_model
 
         with engine_errors():
             if bridge.cancel():
                 raise Cancelled()
+            request = AdaptRequest(inputs.source.path, self._labels or "", out, inputs.model(),
+                                   cache_dir=inputs.cache_dir, epochs=epochs or None, look=look,
+                                   data_dir=engine_default_data_dir())
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            res = adapt(inputs.source.path, self._labels or "", out, inputs.weights,
-                        config=AdaptConfig(look=look, **({"epochs": epochs} if epochs else {})),
-                        cache_dir=inputs.cache_dir,
-                        registry=ModelRegistry(engine_default_data_dir()), progress=bridge.progress,
-                        cancel=bridge.cancel)
+            res = adapt_model(request, progress=bridge.progress, cancel=bridge.cancel)
         figures = res.to_dict()
         feedback.pushInfo(f"Trained: {res.trained_part}, on {res.n_train} pairs; {len(res.held_out)} held out.")
         feedback.pushInfo(f"Before: top-1 {res.before.top1:.0%}, median rank {res.before.median_rank:g}; "

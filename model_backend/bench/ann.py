@@ -45,7 +45,7 @@ def bench_ann(n_vectors: int = 200_000, noise: float = 0.01, n_queries: int = 50
 
     from model_backend.index.ann import AnnConfig, AnnIndex, build_ann, recall_at_k
     from model_backend.index.store import TileIndex
-    from model_backend.locate.query import score_tiles
+    from model_backend.locate.query import tile_similarity
     from model_backend.nn.embedder import EmbeddingModel
 
     net = EmbeddingModel.load(device="cpu")
@@ -77,8 +77,8 @@ def bench_ann(n_vectors: int = 200_000, noise: float = 0.01, n_queries: int = 50
             cand = np.sort(cand[cand >= 0])
             reranked.append(cand[np.argsort(-(np.asarray(emb[cand], np.float32) @ q))[:10]])
         photo = queries[:8]
-        t_exact = _best_time(lambda: score_tiles(idx, photo, ann_min_tiles=n_vectors + 1))
-        t_ann = _best_time(lambda: score_tiles(idx, photo, ann_min_tiles=0))
+        t_exact = _best_time(lambda: tile_similarity(idx, photo, ann_min_tiles=n_vectors + 1))
+        t_ann = _best_time(lambda: tile_similarity(idx, photo, ann_min_tiles=0))
         file_bytes = (folder / "ann.faiss").stat().st_size
         nlist_1e6 = cfg.lists_for(10**6)
     dim = base.shape[1]

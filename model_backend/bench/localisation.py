@@ -49,8 +49,7 @@ def synthetic_localisation(raster: str, n_views: int, footprint_m: float, seed: 
     errors = []
     for v in views:
         q = embed_photo(embedder, v.image, query.rotations)
-        scores, _ = score_tiles(idx, q)
-        cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, 5, query.nms_iou)
+        cands = select_candidates(score_tiles(idx, q), 5, query.nms_iou)
         xs = np.array([c.x for c in cands])
         ys = np.array([c.y for c in cands])
         d = ground_distance_m(crs, xs, ys, np.full_like(xs, v.spec.cx), np.full_like(ys, v.spec.cy))

@@ -219,11 +219,11 @@ def bench_query(dim: int, tmp: Path, say: Say, reps: int = 3) -> dict[str, Any]:
     parts: list[tuple[float, float, float]] = []
     for i in range(reps):
         t0 = time.perf_counter()
-        scores, _ = score_tiles(idx, q)
+        scores = score_tiles(idx, q)
         t1 = time.perf_counter()
-        select_candidates(grid, idx.cols, idx.rows, scores, 5, 0.1)
+        select_candidates(scores, 5, 0.1)
         t2 = time.perf_counter()
-        write_heatmap(str(tmp / f"query_heatmap{i}.tif"), grid, idx.cols, idx.rows, scores)
+        write_heatmap(str(tmp / f"query_heatmap{i}.tif"), scores)
         parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
     total = statistics.median(sum(p) for p in parts)
     med = [statistics.median(p[k] for p in parts) for k in range(3)]

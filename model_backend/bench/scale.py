@@ -143,7 +143,7 @@ def bench_query_with_embed(n_tiles: int = 100_000, rotations: int = 8, reps: int
     dimension), saved and memory-mapped as `TileIndex.open` does.
     """
     from model_backend.geo.exif import load_photo
-    from model_backend.locate.query import embed_photo, score_tiles
+    from model_backend.locate.query import embed_photo, tile_similarity
     from model_backend.nn.embedder import EmbeddingModel
 
     net = EmbeddingModel.load(device="cpu")
@@ -158,13 +158,13 @@ def bench_query_with_embed(n_tiles: int = 100_000, rotations: int = 8, reps: int
         del emb
         idx = _FakeIndex(np.load(Path(tmp) / "embeddings.npy", mmap_mode="r"))
         embed_photo(net, image, rotations)
-        score_tiles(idx, np.zeros((rotations, net.meta.dim), np.float32))  # warm-up (page cache, caches)
+        tile_similarity(idx, np.zeros((rotations, net.meta.dim), np.float32))  # warm-up (page cache, caches)
         parts = []
         for _ in range(reps):
             t0 = time.perf_counter()
             q = embed_photo(net, image, rotations)
             t1 = time.perf_counter()
-            score_tiles(idx, q)
+            tile_similarity(idx, q)
             parts.append((t1 - t0, time.perf_counter() - t1))
     tot = [a + b for a, b in parts]
     return {"query_s_1e5_with_embed": round(statistics.median(tot), 4),
@@ -175,7 +175,7 @@ def bench_query_with_embed(n_tiles: int = 100_000, rotations: int = 8, reps: int
 
 
 class _FakeIndex:
-    """What `score_tiles` reads from a TileIndex."""
+    """What `tile_similarity` reads from a TileIndex."""
 
     def __init__(self, embeddings: np.ndarray) -> None:
         self.embeddings = embeddings

@@ -1,7 +1,8 @@
 """One request object per job, and one typed outcome for all of them.
 
 The dock, the Processing algorithms and the command line each build the same request for the
-same job and hand it unchanged to the engine (`locate.pipeline.locate`, `index.build.index`), so
+same job and hand it unchanged to the engine (`locate.pipeline.locate`, `index.build.index_raster`,
+`learn.adapt.adapt_model`), so
 an option exists everywhere or nowhere and a front end cannot quietly drop one. What comes back
 to a front end that must not raise (a QGIS task) is an `Outcome`: succeeded with a value,
 cancelled, or failed with one line for the user, and for a bug the traceback for the log.
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
-from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
-from model_backend.core.errors import Cancelled, CdiktError, MissingDependency
+from model_backend.core.config import ADAPT_LOOKS, ModelConfig, QueryConfig, TilingConfig
+from model_backend.core.errors import Cancelled, CdiktError, InputError, MissingDependency
 
 T = TypeVar("T")
 
@@ -49,6 +50,42 @@ class IndexRequest:
     cache_dir: str | None = None
     ann: str = "auto"
     """Compressed index: 'auto' (very large rasters), 'on' or 'off' (index.ann.ensure_ann)."""
+
+
+@dataclass(frozen=True)
+class AdaptRequest:
+    """Fine-tune a model on the analyst's labelled pairs of one raster; the new model goes to `out`.
+
+    Only what an analyst decides is here; the training recipe (learn.adapt.AdaptConfig) stays
+    the engine's, so every front end adapts the same way.
+    """
+
+    raster: str
+    labels: str
+    """Labels file: GeoPackage (any CRS) or GeoJSON (WGS84), one footprint polygon per photo."""
+    out: str
+    """The new .safetensors file; adaptation never overwrites one."""
+    model: ModelConfig = ModelConfig()
+    """`weights`: the model to start from (None: the embedded default); `runtime`, `threads`: how it runs."""
+    cache_dir: str | None = None
+    photos: tuple[str, ...] = ()
+    """Unlabelled photos of the same area, learnt from without labels (CDTS)."""
+    epochs: int | None = None
+    """None: the engine's default."""
+    look: str = "auto"
+    """'auto', 'colour' or 'luminance' (core.config.ADAPT_LOOKS)."""
+    seed: int = 0
+    data_dir: str | None = None
+    """Where the new version is recorded (its model registry); None: the engine's data folder."""
+    record: bool = True
+    """False: the new model is written but not recorded as a version."""
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise InputError(f"Epochs must be at least 1, got {self.epochs}.")
+        if self.look not in ADAPT_LOOKS:
+            raise InputError(f"Unknown look {self.look!r}; use one of {', '.join(ADAPT_LOOKS)}.")
+        object.__setattr__(self, "photos", tuple(str(p) for p in self.photos))
 
 
 class Status(Enum):

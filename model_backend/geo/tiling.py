@@ -134,28 +134,3 @@ def make_grid(info: RasterInfo, cfg: TilingConfig) -> TileGrid:
             f"{suggest:.0f} m, a larger stride, or clip the raster to your area of interest."
         )
     return grid
-
-
-def clean_scores(grid: TileGrid, cols: np.ndarray, rows: np.ndarray,
-             scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flatten the inputs, refuse tiles off the grid, and drop non-finite scores.
-
-    Off-grid indexes are a caller's bug (they would silently land in the wrong cell), so they
-    raise; a NaN score is a tile that could not be scored and is treated as not kept.
-    """
-    cols = np.asarray(cols).ravel()
-    rows = np.asarray(rows).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    if not cols.shape == rows.shape == scores.shape:
-        raise ValueError(f"cols, rows and scores differ in length: {cols.size}, {rows.size}, {scores.size}")
-    if cols.size and not (np.issubdtype(cols.dtype, np.integer) and np.issubdtype(rows.dtype, np.integer)):
-        raise ValueError("cols and rows must be integer tile indexes")
-    cols = cols.astype(np.int64, copy=False)
-    rows = rows.astype(np.int64, copy=False)
-    if cols.size and (min(cols.min(), rows.min()) < 0
-                      or cols.max() >= grid.n_cols or rows.max() >= grid.n_rows):
-        raise ValueError(f"tile index outside the {grid.n_cols} x {grid.n_rows} grid")
-    ok = np.isfinite(scores)
-    if not ok.all():
-        cols, rows, scores = cols[ok], rows[ok], scores[ok]
-    return cols, rows, scores

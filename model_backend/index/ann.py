@@ -196,7 +196,7 @@ def shortlist(ann: AnnIndex, queries: np.ndarray, k: int | None = None, nprobe: 
 
 def ann_score_tiles(index: TileIndex, queries: np.ndarray, ann: AnnIndex, k: int | None = None,
                     nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Like `score_tiles`, but exact only on the shortlist; NaN score / rotation -1 elsewhere."""
+    """Like `locate.query.tile_similarity`, but exact only on the shortlist; NaN score / rotation -1 elsewhere."""
     import torch
 
     q = _fp32(queries)

@@ -1,8 +1,8 @@
-"""The similarity heatmap: every tile's score spread over the cells it covers, then averaged.
+"""The similarity heatmap as a GeoTIFF: every tile's score spread over the cells it covers, averaged.
 
 The grid steps by exactly 1/k of a tile, so each tile covers a whole k x k block of heatmap
-cells and a cell's value is the plain mean of the tiles over it: no interpolation, no padding,
-and the heatmap's origin is the raster's origin (a peer plugin shifted its output by the
+cells and a cell's value is the plain mean of the tiles over it (`TileScores.heatmap`): no
+interpolation, no padding, and the heatmap's origin is the raster's origin (a peer plugin shifted its output by the
 padding it added). Cells no kept tile covers (under skipped nodata tiles, or unscored) are
 nodata, never zero, so "no data" cannot be read as "poor match" and a mean never divides by
 zero. The heatmap ends where the last whole tile ends, so a strip narrower than one step at
@@ -28,7 +28,8 @@ from rasterio.windows import Window
 
 from model_backend.core.atomic import atomic_path
 from model_backend.geo.raster import dataset_mask
-from model_backend.geo.tiling import TileGrid, clean_scores
+from model_backend.geo.tiling import TileGrid
+from model_backend.locate.scores import TileScores
 
 NODATA = -9999.0
 """Nodata of the written GeoTIFF: outside cosine similarity's [-1, 1] and safe in every GIS
@@ -43,42 +44,6 @@ MIN_VALID_SHARE = 0.5
 
 _TILE_ABOVE = 512
 """Write internal 256 x 256 blocks once a side exceeds this; smaller heatmaps stay striped."""
-
-
-def heatmap_array(grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray,
-                  fill: float = np.nan) -> np.ndarray:
-    """Overlap-averaged scores, shape (grid.cell_rows, grid.cell_cols), float32; `fill` where uncovered.
-
-    Scores are first binned onto the tile lattice (one bincount), then each tile's value is
-    spread over its k x k cells by 2k shifted slice additions (separable box sum). That costs
-    O(k * cells) whatever the tile count, is exact for any k (no cumulative-sum round-off, so
-    equal means compare equal), and handles 10^6 tiles in well under a second. A (col, row)
-    given twice counts as two samples of that tile.
-    """
-    cols, rows, scores = clean_scores(grid, cols, rows, scores)
-    k = grid.cells_per_tile
-    n_cols, n_rows = grid.n_cols, grid.n_rows
-    flat = rows * n_cols + cols
-    tile_sum = np.bincount(flat, weights=scores, minlength=n_rows * n_cols).reshape(n_rows, n_cols)
-    tile_cnt = np.bincount(flat, minlength=n_rows * n_cols).reshape(n_rows, n_cols)
-    cell_sum = _box_spread(tile_sum, k)
-    cell_cnt = _box_spread(tile_cnt.astype(np.int64), k)
-    out = np.full(cell_sum.shape, fill, dtype=np.float32)
-    covered = cell_cnt > 0
-    out[covered] = (cell_sum[covered] / cell_cnt[covered]).astype(np.float32)
-    return out
-
-
-def _box_spread(tiles: np.ndarray, k: int) -> np.ndarray:
-    """Sum each tile's value into cells [row, row+k) x [col, col+k): shape grows by k-1 each way."""
-    n_rows, n_cols = tiles.shape
-    wide = np.zeros((n_rows, n_cols + k - 1), dtype=tiles.dtype)
-    for dx in range(k):
-        wide[:, dx:dx + n_cols] += tiles
-    out = np.zeros((n_rows + k - 1, n_cols + k - 1), dtype=tiles.dtype)
-    for dy in range(k):
-        out[dy:dy + n_rows, :] += wide
-    return out
 
 
 def valid_cells(raster_path: str, grid: TileGrid) -> np.ndarray:
@@ -132,8 +97,7 @@ def _non_black_share(ds: rasterio.io.DatasetReader, window: Window, shape: tuple
     return share
 
 
-def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray,
-                  raster_path: str | None = None) -> str:
+def write_heatmap(path: str, scores: TileScores, raster_path: str | None = None) -> str:
     """Write the heatmap as a single-band Float32 GeoTIFF in the raster's CRS; return the path.
 
     The CRS goes in as the raster's WKT, never via an EPSG code (custom CRSs would be lost or
@@ -145,7 +109,8 @@ def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray,
     With ``raster_path`` (the searched raster), cells less than half covered by its valid data
     are nodata: a tile kept for its valid part would otherwise colour the nodata beside it.
     """
-    data = heatmap_array(grid, cols, rows, scores, fill=NODATA)
+    grid = scores.grid
+    data = scores.heatmap(fill=NODATA)
     if raster_path is not None:
         data[valid_cells(raster_path, grid) < MIN_VALID_SHARE] = NODATA
     height, width = data.shape
@@ -156,7 +121,7 @@ def write_heatmap(path: str, grid: TileGrid, cols: np.ndarray, rows: np.ndarray,
     }
     if max(width, height) > _TILE_ABOVE:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
-    n_kept = int(np.isfinite(np.asarray(scores, dtype=np.float64)).sum())
+    n_kept = int(scores.scored.sum())
     with atomic_path(path, sidecars=(".aux.xml",)) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(data, 1)
         dst.set_band_description(1, BAND_NAME)

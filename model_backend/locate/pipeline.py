@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.core.requests import LocateRequest
@@ -27,13 +25,9 @@ from model_backend.locate.candidates import Candidate, select_candidates
 from model_backend.locate.drape import drape_photo
 from model_backend.locate.export import write_geojson, write_gpkg
 from model_backend.locate.heatmap import write_heatmap
-from model_backend.locate.priors import (
-    gps_disagrees,
-    gps_xy,
-    nadir_enough,
-    restrict_to_radius,
-)
+from model_backend.locate.priors import gps_disagrees, gps_xy, nadir_enough
 from model_backend.locate.query import photo_queries, score_tiles
+from model_backend.locate.scores import TileScores
 from model_backend.locate.verify import DEFAULT_VERIFY, VerifyConfig, verify_candidates
 from model_backend.nn.embedder import EmbeddingModel
 
@@ -127,7 +121,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
         progress(0.02, "Embedding the photo" + ("" if priors.yaw_deg is not None else
                                                  f" at {query.rotations} headings"))
     q = photo_queries(net, image, priors.yaw_deg, query.rotations)
-    best: tuple[float, TileIndex, np.ndarray] | None = None
+    best: tuple[float, TileIndex, TileScores] | None = None
     for i, fp in enumerate(footprints):
         def sub(f: float, msg: str, i: int = i, fp: float = fp) -> None:
             if progress:  # with several sizes (scale search) say which one is being searched
@@ -138,21 +132,21 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
                           progress=sub, cancel=cancel, embedder=net)
         if cancel and cancel():
             raise Cancelled()
-        scores, _ = score_tiles(idx, q)
+        scores = score_tiles(idx, q)
         if prior_radius_m and gps is not None:
-            scores = restrict_to_radius(idx.grid, idx.cols, idx.rows, scores, gps, prior_radius_m)
-            if not np.isfinite(scores).any():
+            scores = scores.within(gps, prior_radius_m)
+            if not scores.scored.any():
                 raise InputError(f"No tile lies within {prior_radius_m:g} m of {Path(photo).name}'s GPS position; "
                                  "is it on this raster? Use a larger --prior-radius-m or none.")
-        log.info("footprint %.1f m: best score %.4f over %d tiles", fp, float(np.nanmax(scores)), idx.n_tiles)
-        if best is None or np.nanmax(scores) > np.nanmax(best[2]):
+        log.info("footprint %.1f m: best score %.4f over %d tiles", fp, scores.best, idx.n_tiles)
+        if best is None or scores.best > best[2].best:
             best = (fp, idx, scores)
     if best is None:  # choose_footprints always gives one size; an empty list is a bug
         raise RuntimeError("no footprint was searched")
     fp, idx, scores = best
     stem = Path(photo).stem
     n_cands = max(query.top_k, verify_config.top_k) if do_verify else query.top_k
-    cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, n_cands, query.nms_iou)
+    cands = select_candidates(scores, n_cands, query.nms_iou)
     extra: dict[str, Any] = {}
     if do_verify and cands:
         if progress:
@@ -168,7 +162,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
         dist = ground_distance(info.crs_wkt, *gps, cands[0].x, cands[0].y)
         extra.update(gps_distance_m=round(dist, 1), gps_disagrees=gps_disagrees(dist, fp))
         props.update(gps_distance_m=extra["gps_distance_m"], gps_disagrees=extra["gps_disagrees"])
-    heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), idx.grid, idx.cols, idx.rows, scores, raster_path=info.path)
+    heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), scores, raster_path=info.path)
     gj = write_geojson(str(out / f"{stem}.matches.geojson"), cands, info.crs_wkt, props)
     gp = write_gpkg(str(out / f"{stem}.matches.gpkg"), cands, info.crs_wkt, props)
     if cands and cands[0].verified and cands[0].image_to_crs is not None:

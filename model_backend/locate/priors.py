@@ -18,9 +18,8 @@ import numpy as np
 from PIL import Image
 
 from model_backend.geo.exif import PhotoPriors
-from model_backend.geo.geodesy import from_wgs84, metres_per_unit
+from model_backend.geo.geodesy import from_wgs84
 from model_backend.geo.reader import FILL_RGB
-from model_backend.geo.tiling import TileGrid
 
 MAX_OFF_NADIR_DEG = 30.0
 """Verification runs by default when the gimbal pitch is unknown or within this of straight down."""
@@ -35,21 +34,6 @@ def gps_xy(priors: PhotoPriors, crs_wkt: str) -> tuple[float, float] | None:
     if not (math.isfinite(x) and math.isfinite(y)):
         return None
     return float(x), float(y)
-
-
-def restrict_to_radius(grid: TileGrid, cols: np.ndarray, rows: np.ndarray, scores: np.ndarray,
-                       xy: tuple[float, float], radius_m: float) -> np.ndarray:
-    """Scores with every tile whose centre lies farther than radius_m from xy set to NaN (not scored).
-
-    Distances use the local metres-per-unit at the GPS point: exact enough within a search
-    window of a few kilometres in any CRS, and vectorised over 10^6 tiles.
-    """
-    xs, ys = grid.centres(cols, rows)
-    mx, my = metres_per_unit(grid.crs_wkt, *xy)
-    d2 = ((np.asarray(xs) - xy[0]) * mx) ** 2 + ((np.asarray(ys) - xy[1]) * my) ** 2
-    out = np.array(scores, dtype=np.float32, copy=True)
-    out[d2 > radius_m ** 2] = np.nan
-    return out
 
 
 def gps_disagrees(distance_m: float, footprint_m: float) -> bool:

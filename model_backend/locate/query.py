@@ -20,6 +20,7 @@ from PIL import Image
 from model_backend.geo.reader import FILL_RGB
 from model_backend.index.store import TileIndex
 from model_backend.locate.priors import north_up
+from model_backend.locate.scores import TileScores
 from model_backend.nn.embedder import EmbeddingModel
 
 
@@ -59,8 +60,14 @@ def embed_photo(model: EmbeddingModel, photo: np.ndarray, rotations: int) -> np.
     return model.embed(model.normalise(crops))
 
 
-def score_tiles(index: TileIndex, queries: np.ndarray, chunk: int = 65536, exact_top: int = 4096,
-                ann_min_tiles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def score_tiles(index: TileIndex, queries: np.ndarray, ann_min_tiles: int | None = None) -> TileScores:
+    """Every tile of the index scored against the photo's query embeddings (see `tile_similarity`)."""
+    best, which = tile_similarity(index, queries, ann_min_tiles=ann_min_tiles)
+    return TileScores(index.grid, index.cols, index.rows, best, which)
+
+
+def tile_similarity(index: TileIndex, queries: np.ndarray, chunk: int = 65536, exact_top: int = 4096,
+                    ann_min_tiles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Best cosine similarity of each tile over the query rotations, and which rotation won.
 
     Chunked so a 10^6-tile fp16 index is scored without materialising it in fp32. The product

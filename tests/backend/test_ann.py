@@ -16,7 +16,7 @@ from model_backend.bench.common import augment
 from model_backend.bench.scale import real_tiles
 from model_backend.index.ann import ANN_FILE, ANN_META, AnnConfig, AnnIndex, ann_for, build_ann, recall_at_k, shortlist
 from model_backend.index.store import TileIndex
-from model_backend.locate.query import score_tiles
+from model_backend.locate.query import tile_similarity
 
 N = 20_000
 
@@ -33,7 +33,7 @@ def index(base: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> TileInd
     np.save(folder / "embeddings.npy", augment(base, N, 0.01, seed=3))
     pos = np.zeros(N, np.int32)
     idx = TileIndex(folder, {"finished": "test"}, np.load(folder / "embeddings.npy", mmap_mode="r"), pos, pos,
-                    None)  # type: ignore[arg-type]  # score_tiles needs no grid
+                    None)  # type: ignore[arg-type]  # tile_similarity needs no grid
     build_ann(idx, AnnConfig(min_tiles=0))
     return idx
 
@@ -55,9 +55,9 @@ def test_recall_at_10_against_exact_search(index: TileIndex, base: np.ndarray) -
 def test_score_tiles_uses_it_above_the_threshold_only(index: TileIndex, base: np.ndarray,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     q = augment(base, 8, 0.01, seed=5).astype(np.float32)  # eight "rotations" of a photo
-    exact_best, exact_which = score_tiles(index, q, ann_min_tiles=N + 1)
+    exact_best, exact_which = tile_similarity(index, q, ann_min_tiles=N + 1)
     assert np.isfinite(exact_best).all()
-    best, which = score_tiles(index, q, ann_min_tiles=N)
+    best, which = tile_similarity(index, q, ann_min_tiles=N)
     scored = np.isfinite(best)
     assert 0 < scored.sum() < N and np.all(which[~scored] == -1)
     # The shortlist is re-scored exactly: same scores and rotations there, and the best tile is found.
@@ -78,5 +78,5 @@ def test_stale_or_absent_compressed_index_is_ignored(index: TileIndex, tmp_path:
     (tmp_path / ANN_FILE).write_bytes((index.folder / ANN_FILE).read_bytes())
     (tmp_path / ANN_META).write_text(json.dumps(meta))  # built for N tiles, not 100
     assert AnnIndex.load(other) is None
-    best, _ = score_tiles(other, np.asarray(index.embeddings[:2], np.float32), ann_min_tiles=0)
+    best, _ = tile_similarity(other, np.asarray(index.embeddings[:2], np.float32), ann_min_tiles=0)
     assert np.isfinite(best).all()  # exact search instead

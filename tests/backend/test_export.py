@@ -19,7 +19,7 @@ from model_backend.core.errors import InputError
 from model_backend.geo.raster import open_raster
 from model_backend.geo.tiling import TileGrid, make_grid
 from model_backend.locate import export
-from model_backend.locate.candidates import Candidate, select_candidates, tile_iou
+from model_backend.locate.candidates import Candidate, select_candidates
 from model_backend.locate.export import (
     DENSIFY,
     MATCH_FIELDS,
@@ -30,6 +30,7 @@ from model_backend.locate.export import (
     write_geojson,
     write_gpkg,
 )
+from model_backend.locate.scores import TileScores
 
 from .conftest import DATA, warp_to
 
@@ -76,11 +77,12 @@ def all_tiles(grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:
 def reference_nms(grid, cols, rows, scores, top_k, nms_iou) -> list[tuple[int, int]]:
     """Textbook greedy NMS over the whole sorted list, to check the fast path against."""
     kept: list[tuple[int, int]] = []
+    ts = TileScores(grid, cols, rows, scores)
     for i in np.argsort(-scores, kind="stable"):
         if not np.isfinite(scores[i]):
             continue
         c, r = int(cols[i]), int(rows[i])
-        if all(tile_iou(grid, c, r, np.array([kc]), np.array([kr]))[0] <= nms_iou for kc, kr in kept):
+        if all(ts.iou(c, r, np.array([kc]), np.array([kr]))[0] <= nms_iou for kc, kr in kept):
             kept.append((c, r))
         if len(kept) == top_k:
             break
@@ -102,13 +104,13 @@ def test_nms_suppresses_neighbours_and_ranks_in_order(grids):
     scores[at[20, 3]] = 0.8
     scores[at[2, 18]] = 0.7
 
-    cands = select_candidates(grid, cols, rows, scores, top_k=3, nms_iou=0.1)
+    cands = select_candidates(TileScores(grid, cols, rows, scores), top_k=3, nms_iou=0.1)
     assert [c.rank for c in cands] == [1, 2, 3]
     assert [c.score for c in cands] == [1.0, 0.8, 0.7]
     x, y = grid.centres(np.array([20]), np.array([3]))
     assert (cands[1].x, cands[1].y) == (x[0], y[0])
 
-    loose = select_candidates(grid, cols, rows, scores, top_k=3, nms_iou=1.0)
+    loose = select_candidates(TileScores(grid, cols, rows, scores), top_k=3, nms_iou=1.0)
     assert [c.score for c in loose] == [1.0, 0.95, 0.95]  # without suppression neighbours crowd in
 
 
@@ -120,7 +122,7 @@ def test_fast_nms_equals_reference(grids, name, top_k, nms_iou):
     rng = np.random.default_rng(top_k)
     scores = np.round(rng.random(cols.size), 2)  # many ties, to exercise tie handling
     scores[rng.random(cols.size) < 0.1] = np.nan
-    got = select_candidates(grid, cols, rows, scores, top_k, nms_iou)
+    got = select_candidates(TileScores(grid, cols, rows, scores), top_k, nms_iou)
     assert [(c.x, c.y) for c in got] == [
         tuple(v[0] for v in grid.centres(np.array([c]), np.array([r])))
         for c, r in reference_nms(grid, cols, rows, scores, top_k, nms_iou)
@@ -134,7 +136,7 @@ def test_candidate_geometry_and_lonlat(grids):
         cols, rows = all_tiles(grid)
         scores = np.random.default_rng(0).random(cols.size)
         to_ll = Transformer.from_crs(CRS.from_wkt(grid.crs_wkt), CRS.from_epsg(4326), always_xy=True)
-        for c in select_candidates(grid, cols, rows, scores, top_k=5, nms_iou=0.1):
+        for c in select_candidates(TileScores(grid, cols, rows, scores), top_k=5, nms_iou=0.1):
             assert c.polygon[0] == c.polygon[-1] and len(c.polygon) == 5 and polygon_is_ccw(c.polygon)
             centroid = Polygon(c.polygon).centroid
             assert centroid.x == pytest.approx(c.x, abs=1e-6) and centroid.y == pytest.approx(c.y, abs=1e-6)
@@ -148,12 +150,12 @@ def test_candidate_geometry_and_lonlat(grids):
 def test_candidate_argument_checks(grids):
     grid = grids["netherlands_28992"]
     cols, rows = all_tiles(grid)
-    assert select_candidates(grid, cols, rows, np.ones(cols.size), top_k=0, nms_iou=0.1) == []
-    assert select_candidates(grid, cols, rows, np.full(cols.size, np.nan), top_k=5, nms_iou=0.1) == []
+    assert select_candidates(TileScores(grid, cols, rows, np.ones(cols.size)), top_k=0, nms_iou=0.1) == []
+    assert select_candidates(TileScores(grid, cols, rows, np.full(cols.size, np.nan)), top_k=5, nms_iou=0.1) == []
     with pytest.raises(InputError):
-        select_candidates(grid, cols, rows, np.ones(cols.size), top_k=5, nms_iou=1.5)
+        select_candidates(TileScores(grid, cols, rows, np.ones(cols.size)), top_k=5, nms_iou=1.5)
     with pytest.raises(InputError):
-        select_candidates(grid, cols, rows, np.ones(cols.size), top_k=-1, nms_iou=0.1)
+        select_candidates(TileScores(grid, cols, rows, np.ones(cols.size)), top_k=-1, nms_iou=0.1)
 
 
 # ---------------------------------------------------------------- GeoJSON
@@ -162,7 +164,7 @@ def test_candidate_argument_checks(grids):
 def test_geojson_follows_rfc7946(grids, name, tmp_path):
     grid = grids[name]
     cols, rows = all_tiles(grid)
-    cands = select_candidates(grid, cols, rows, np.random.default_rng(1).random(cols.size), 5, 0.1)
+    cands = select_candidates(TileScores(grid, cols, rows, np.random.default_rng(1).random(cols.size)), 5, 0.1)
     out = write_geojson(str(tmp_path / "m.geojson"), cands, grid.crs_wkt, PROPS)
     assert os.listdir(tmp_path) == ["m.geojson"]
     doc = json.loads(Path(out).read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"bare {c}"))
@@ -229,7 +231,7 @@ def test_source_crs_label():
 def test_gpkg_keeps_source_crs_and_features(grids, name, tmp_path):
     grid = grids[name]
     cols, rows = all_tiles(grid)
-    cands = select_candidates(grid, cols, rows, np.random.default_rng(2).random(cols.size), 5, 0.1)
+    cands = select_candidates(TileScores(grid, cols, rows, np.random.default_rng(2).random(cols.size)), 5, 0.1)
     out = write_gpkg(str(tmp_path / "m.gpkg"), cands, grid.crs_wkt, PROPS)
     assert os.listdir(tmp_path) == ["m.gpkg"]
 
@@ -276,7 +278,7 @@ def test_empty_results_still_write_valid_files(grids, tmp_path):
 def test_failed_writes_leave_nothing_partial(grids, tmp_path, monkeypatch):
     grid = grids["netherlands_28992"]
     cols, rows = all_tiles(grid)
-    cands = select_candidates(grid, cols, rows, np.random.default_rng(3).random(cols.size), 3, 0.1)
+    cands = select_candidates(TileScores(grid, cols, rows, np.random.default_rng(3).random(cols.size)), 3, 0.1)
 
     for writer, name in ((write_geojson, "m.geojson"), (write_gpkg, "m.gpkg")):
         with pytest.raises(InputError, match="does not exist"):

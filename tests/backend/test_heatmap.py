@@ -15,7 +15,8 @@ from model_backend.core.config import TilingConfig
 from model_backend.core.errors import InputError
 from model_backend.geo.raster import open_raster
 from model_backend.geo.tiling import TileGrid, make_grid
-from model_backend.locate.heatmap import BAND_NAME, NODATA, heatmap_array, write_heatmap
+from model_backend.locate.heatmap import BAND_NAME, NODATA, write_heatmap
+from model_backend.locate.scores import TileScores
 
 from .conftest import DATA, warp_to
 
@@ -54,6 +55,10 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, f
     }
 
 
+def heatmap_of(grid: TileGrid, cols, rows, scores) -> np.ndarray:
+    return TileScores(grid, cols, rows, scores).heatmap()
+
+
 def all_tiles(grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:
     cols, rows = np.meshgrid(np.arange(grid.n_cols), np.arange(grid.n_rows))
     return cols.ravel().astype(np.int32), rows.ravel().astype(np.int32)
@@ -85,7 +90,7 @@ def test_heatmap_georeferencing_and_peak(rasters, name, tmp_path):
     pc, pr = grid.n_cols // 2, grid.n_rows // 2
     peak = np.flatnonzero((cols == pc) & (rows == pr))[0]
     scores[peak] = 1.0
-    out = write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, scores)
+    out = write_heatmap(str(tmp_path / "h.tif"), TileScores(grid, cols, rows, scores))
     assert os.listdir(tmp_path) == ["h.tif"]  # no temp file or sidecar left behind
 
     with rasterio.open(out) as ds:
@@ -112,7 +117,7 @@ def test_peak_stands_out_over_noisy_background(rasters, tmp_path):
     scores = np.random.default_rng(3).uniform(0.0, 0.2, cols.size)
     pc, pr = 3, grid.n_rows - 4
     scores[(cols == pc) & (rows == pr)] = 1.0
-    with rasterio.open(write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, scores)) as ds:
+    with rasterio.open(write_heatmap(str(tmp_path / "h.tif"), TileScores(grid, cols, rows, scores))) as ds:
         data = ds.read(1)
         x, y = grid.centres(np.array([pc]), np.array([pr]))
         i, j = ds.index(float(x[0]), float(y[0]))
@@ -128,7 +133,7 @@ def test_nodata_outside_coverage(rasters, tmp_path):
     keep = (cols >= 2) & ~((rows == 5) & (cols == 7))  # a skipped band on the left, one hole inside
     scores = np.full(cols.size, 0.5)
     scores[(rows == 9) & (cols == 9)] = np.nan  # an unscorable tile counts as skipped
-    out = write_heatmap(str(tmp_path / "h.tif"), grid, cols[keep], rows[keep], scores[keep])
+    out = write_heatmap(str(tmp_path / "h.tif"), TileScores(grid, cols[keep], rows[keep], scores[keep]))
     with rasterio.open(out) as ds:
         band = ds.read(1, masked=True)
     expected = np.isnan(brute_force(grid, cols[keep], rows[keep], scores[keep]))
@@ -149,11 +154,11 @@ def test_overlap_average_by_hand_on_3x3_grid(rasters):
         [5.5, 6.0, 7.0, 7.5],
         [7.0, 7.5, 8.5, 9.0],
     ])
-    np.testing.assert_array_equal(heatmap_array(grid, cols, rows, scores), expected)
+    np.testing.assert_array_equal(heatmap_of(grid, cols, rows, scores), expected)
 
     # Only the diagonal kept: cells under two diagonal tiles average them, cells under none are nodata.
     n = np.nan
-    diag = heatmap_array(grid, np.array([0, 1, 2]), np.array([0, 1, 2]), np.array([1.0, 5.0, 9.0]))
+    diag = heatmap_of(grid, np.array([0, 1, 2]), np.array([0, 1, 2]), np.array([1.0, 5.0, 9.0]))
     np.testing.assert_array_equal(diag, np.array([
         [1.0, 1.0, n, n],
         [1.0, 3.0, 5.0, n],
@@ -172,7 +177,7 @@ def test_matches_brute_force_for_any_overlap(k):
     keep = rng.random(cols.size) < 0.7
     scores = rng.uniform(-1, 1, cols.size)
     scores[rng.random(cols.size) < 0.05] = np.nan
-    got = heatmap_array(grid, cols[keep], rows[keep], scores[keep])
+    got = heatmap_of(grid, cols[keep], rows[keep], scores[keep])
     assert got.shape == (grid.cell_rows, grid.cell_cols) and got.dtype == np.float32
     want = brute_force(grid, cols[keep], rows[keep], scores[keep])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -181,12 +186,12 @@ def test_matches_brute_force_for_any_overlap(k):
 def test_bad_indexes_are_refused(rasters):
     grid = make_grid(open_raster(rasters["netherlands_28992"][0]), TilingConfig(footprint_m=110.0))
     with pytest.raises(ValueError, match="outside"):
-        heatmap_array(grid, np.array([3]), np.array([0]), np.array([1.0]))
+        heatmap_of(grid, np.array([3]), np.array([0]), np.array([1.0]))
     with pytest.raises(ValueError, match="differ"):
-        heatmap_array(grid, np.array([0, 1]), np.array([0]), np.array([1.0]))
+        heatmap_of(grid, np.array([0, 1]), np.array([0]), np.array([1.0]))
     with pytest.raises(ValueError, match="integer"):
-        heatmap_array(grid, np.array([0.5]), np.array([0.0]), np.array([1.0]))
-    assert np.isnan(heatmap_array(grid, np.array([], int), np.array([], int), np.array([]))).all()
+        heatmap_of(grid, np.array([0.5]), np.array([0.0]), np.array([1.0]))
+    assert np.isnan(heatmap_of(grid, np.array([], int), np.array([], int), np.array([]))).all()
 
 
 def test_large_heatmap_is_tiled_and_empty_one_is_all_nodata(tmp_path):
@@ -194,12 +199,12 @@ def test_large_heatmap_is_tiled_and_empty_one_is_all_nodata(tmp_path):
                     raster_height=7000, tile_w=200.0, tile_h=200.0, step_x=100.0, step_y=100.0,
                     cells_per_tile=2, n_cols=699, n_rows=69, footprint_m=20.0)
     cols, rows = all_tiles(grid)
-    out = write_heatmap(str(tmp_path / "big.tif"), grid, cols, rows, np.linspace(-1, 1, cols.size))
+    out = write_heatmap(str(tmp_path / "big.tif"), TileScores(grid, cols, rows, np.linspace(-1, 1, cols.size)))
     with rasterio.open(out) as ds:
         assert ds.profile["tiled"] and ds.block_shapes[0] == (256, 256)
         assert CRS.from_wkt(ds.crs.to_wkt()) == CRS.from_wkt(CUSTOM_LCC)
     none = np.array([], dtype=int)
-    empty = write_heatmap(str(tmp_path / "empty.tif"), grid, none, none, np.array([]))
+    empty = write_heatmap(str(tmp_path / "empty.tif"), TileScores(grid, none, none, np.array([])))
     with rasterio.open(empty) as ds:
         assert ds.read(1, masked=True).mask.all()
 
@@ -210,11 +215,11 @@ def test_atomic_write_failures_leave_nothing(rasters, tmp_path, monkeypatch):
     scores = np.arange(cols.size, dtype=float)
 
     with pytest.raises(InputError, match="does not exist"):
-        write_heatmap(str(tmp_path / "missing" / "h.tif"), grid, cols, rows, scores)
+        write_heatmap(str(tmp_path / "missing" / "h.tif"), TileScores(grid, cols, rows, scores))
     assert os.listdir(tmp_path) == []
 
     target = tmp_path / "h.tif"
-    write_heatmap(str(target), grid, cols, rows, scores)
+    write_heatmap(str(target), TileScores(grid, cols, rows, scores))
     before = target.read_bytes()
     (tmp_path / "h.tif.aux.xml").write_text("<PAMDataset>stale statistics</PAMDataset>")
 
@@ -222,12 +227,12 @@ def test_atomic_write_failures_leave_nothing(rasters, tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(rasterio.io.DatasetWriter, "write", fail_midway)
     with pytest.raises(OSError, match="disk full"):
-        write_heatmap(str(target), grid, cols, rows, scores * 2)
+        write_heatmap(str(target), TileScores(grid, cols, rows, scores * 2))
     monkeypatch.undo()
     assert target.read_bytes() == before  # the old heatmap survives a failed rewrite intact
     assert sorted(os.listdir(tmp_path)) == ["h.tif", "h.tif.aux.xml"]
 
-    write_heatmap(str(target), grid, cols, rows, scores * 2)
+    write_heatmap(str(target), TileScores(grid, cols, rows, scores * 2))
     assert os.listdir(tmp_path) == ["h.tif"]  # stale sidecar of the old file removed
     with rasterio.open(target) as ds:
         assert ds.read(1).max() == pytest.approx(2 * scores.max())
@@ -242,7 +247,7 @@ def test_read_only_folder_is_a_clear_error(rasters, tmp_path):
     folder.chmod(0o555)
     try:
         with pytest.raises(InputError, match="Cannot write"):
-            write_heatmap(str(folder / "h.tif"), grid, cols, rows, np.ones(cols.size))
+            write_heatmap(str(folder / "h.tif"), TileScores(grid, cols, rows, np.ones(cols.size)))
         assert os.listdir(folder) == []
     finally:
         folder.chmod(0o755)
@@ -270,9 +275,9 @@ def test_cells_over_the_rasters_nodata_are_nodata(tmp_path):
     cols, rows = all_tiles(grid)
     scores = np.full(cols.size, 0.5)
 
-    with rasterio.open(write_heatmap(str(tmp_path / "plain.tif"), grid, cols, rows, scores)) as ds:
+    with rasterio.open(write_heatmap(str(tmp_path / "plain.tif"), TileScores(grid, cols, rows, scores))) as ds:
         assert not ds.read(1, masked=True).mask.any()  # without the raster every scored cell is painted
-    out = write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, scores, raster_path=str(raster))
+    out = write_heatmap(str(tmp_path / "h.tif"), TileScores(grid, cols, rows, scores), raster_path=str(raster))
     assert sorted(os.listdir(tmp_path)) == ["h.tif", "plain.tif"]
     with rasterio.open(out) as ds:
         data = ds.read(1)
@@ -290,11 +295,12 @@ def test_a_raster_without_nodata_masks_nothing_and_a_wrong_raster_is_refused(ras
     raster = rasters["netherlands_28992"][0]
     grid = make_grid(open_raster(raster), TilingConfig(footprint_m=20.0, stride=0.5))
     cols, rows = all_tiles(grid)
-    out = write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, np.full(cols.size, 0.25), raster_path=str(raster))
+    out = write_heatmap(str(tmp_path / "h.tif"), TileScores(grid, cols, rows, np.full(cols.size, 0.25)),
+                        raster_path=str(raster))
     with rasterio.open(out) as ds:
         assert np.all(ds.read(1) == np.float32(0.25))
     with pytest.raises(ValueError, match="not the searched raster"):
-        write_heatmap(str(tmp_path / "w.tif"), grid, cols, rows, np.ones(cols.size),
+        write_heatmap(str(tmp_path / "w.tif"), TileScores(grid, cols, rows, np.ones(cols.size)),
                       raster_path=str(DATA / "bali_pix4d_0.35m_alpha.tif"))
 
 
@@ -302,7 +308,7 @@ def test_band_has_a_short_meaningful_name(rasters, tmp_path):
     """QGIS puts the band description in the legend, where a long one is cut off."""
     grid = make_grid(open_raster(rasters["netherlands_28992"][0]), TilingConfig(footprint_m=110.0))
     cols, rows = all_tiles(grid)
-    with rasterio.open(write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, np.ones(cols.size))) as ds:
+    with rasterio.open(write_heatmap(str(tmp_path / "h.tif"), TileScores(grid, cols, rows, np.ones(cols.size)))) as ds:
         assert ds.descriptions == (BAND_NAME,) == ("match score",)
 
 
@@ -312,7 +318,8 @@ def test_cells_over_an_undeclared_black_collar_are_nodata(tmp_path):
     raster = DATA / "manila_oam_0.10m.tif"
     grid = make_grid(open_raster(raster), TilingConfig(footprint_m=20.0, stride=0.5))
     cols, rows = all_tiles(grid)
-    out = write_heatmap(str(tmp_path / "h.tif"), grid, cols, rows, np.full(cols.size, 0.5), raster_path=str(raster))
+    out = write_heatmap(str(tmp_path / "h.tif"), TileScores(grid, cols, rows, np.full(cols.size, 0.5)),
+                        raster_path=str(raster))
     from rasterio.windows import Window
 
     with rasterio.open(raster) as src:  # black share per cell, counted on a finer grid than the engine's

@@ -80,6 +80,7 @@ def heatmap_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from model_backend.locate.candidates import select_candidates
     from model_backend.locate.export import write_geojson, write_gpkg
     from model_backend.locate.heatmap import write_heatmap
+    from model_backend.locate.scores import TileScores
 
     out = tmp_path_factory.mktemp("heatmap_case")
     raster = str(DATA / "netherlands_aerial_0.25m_epsg28992.tif")
@@ -91,8 +92,9 @@ def heatmap_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cols, rows = cols[keep], rows[keep]
     cx, cy = grid.n_cols * 0.3, grid.n_rows * 0.4
     scores = (0.9 - 0.05 * np.hypot(cols - cx, rows - cy)).astype(np.float64)
-    heat = write_heatmap(str(out / "view.heatmap.tif"), grid, cols, rows, scores)
-    cands = select_candidates(grid, cols, rows, scores, top_k=5, nms_iou=0.1)
+    tile_scores = TileScores(grid, cols, rows, scores)
+    heat = write_heatmap(str(out / "view.heatmap.tif"), tile_scores)
+    cands = select_candidates(tile_scores, top_k=5, nms_iou=0.1)
     props = {"photo": "view.jpg", "footprint_m": 50.0}
     gj = write_geojson(str(out / "view.matches.geojson"), cands, info.crs_wkt, props)
     gp = write_gpkg(str(out / "view.matches.gpkg"), cands, info.crs_wkt, props)

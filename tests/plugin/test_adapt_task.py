@@ -96,17 +96,17 @@ def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface
     monkeypatch.setattr(model_backend.learn.adapt, "adapt", _fake_adapt(0.25, 0.75))
     first = controller.adapt()
     assert wait_until(lambda: controller.task is None, 60)
-    assert first.outcome.succeeded and settings.weights_path == first.params.out
+    assert first.outcome.succeeded and settings.weights_path == first.request.out
     assert "now active" in panel.status.text() and "25 % → 75 %" in panel.status.text()
     second = controller.adapt()  # adapting the adapted model: a chain of versions
     assert wait_until(lambda: controller.task is None, 60)
-    assert settings.weights_path == second.params.out
+    assert settings.weights_path == second.request.out
     assert [panel.model_combo.itemData(i) for i in range(panel.model_combo.count())] == \
-        [None, second.params.out, first.params.out]
-    assert panel.model_combo.currentData() == second.params.out
+        [None, second.request.out, first.request.out]
+    assert panel.model_combo.currentData() == second.request.out
 
-    assert controller.rollback() == first.params.out
-    assert settings.weights_path == first.params.out and panel.model_combo.currentData() == first.params.out
+    assert controller.rollback() == first.request.out
+    assert settings.weights_path == first.request.out and panel.model_combo.currentData() == first.request.out
     assert panel.rollback_button.isEnabled()
     assert controller.rollback() is None  # back to the embedded default
     assert settings.weights_path is None and panel.model_combo.currentText() == DEFAULT_MODEL_LABEL
@@ -116,12 +116,12 @@ def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface
 
     panel.model_combo.setCurrentIndex(2)
     panel.model_combo.activated.emit(2)  # the picker chooses any version
-    assert settings.weights_path == first.params.out
+    assert settings.weights_path == first.request.out
 
     monkeypatch.setattr(model_backend.learn.adapt, "adapt", _fake_adapt(0.75, 0.25))
     worse = controller.adapt()
     assert wait_until(lambda: controller.task is None, 60)
-    assert worse.outcome.succeeded and settings.weights_path == first.params.out  # not better: not activated
+    assert worse.outcome.succeeded and settings.weights_path == first.request.out  # not better: not activated
     assert "stays active" in panel.status.text()
 
 

@@ -309,12 +309,13 @@ def test_heatmap_legend_is_short_and_rounded(qgis_app, heatmap_case, tmp_path: P
 
     from cdikt_qgis.layers import heatmap_layer
     from model_backend.locate.heatmap import write_heatmap
+    from model_backend.locate.scores import TileScores
 
     grid = heatmap_case["grid"]
     rows, cols = np.meshgrid(np.arange(grid.n_rows), np.arange(grid.n_cols), indexing="ij")
     rng = np.random.default_rng(0)
-    tight = write_heatmap(str(tmp_path / "tight.tif"), grid, cols.ravel(), rows.ravel(),
-                          0.8123456 + 0.004 * rng.random(cols.size))  # cosines differing in the 3rd decimal
+    cosines = 0.8123456 + 0.004 * rng.random(cols.size)  # differing in the 3rd decimal
+    tight = write_heatmap(str(tmp_path / "tight.tif"), TileScores(grid, cols, rows, cosines))
 
     project = QgsProject.instance()
     model = QgsLayerTreeModel(project.layerTreeRoot())

@@ -419,3 +419,56 @@ def test_qgis_process_runs_locate_headless(photos, cache, tmp_path) -> None:
     assert (out / "matches.gpkg").is_file()
     # the user's own profile and home were never touched
     assert (tmp_path / "profile" / "profiles" / "default").is_dir()
+
+
+def test_one_adaptation_reaches_the_engine_as_one_request_from_all_three_front_ends(
+        provider, iface, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI, cdikt:adapt and the dock's Adapt button ask for the same adaptation with the same
+    AdaptRequest; the engine's entry point records what arrives and stops there (training is
+    tested in tests/backend/test_adapt.py)."""
+    from qgis.core import QgsProcessingException, QgsProject, QgsRasterLayer
+
+    import model_backend.learn.adapt as engine
+    from cdikt_qgis.adapt_task import AdaptController
+    from cdikt_qgis.model_panel import ModelPanel
+    from cdikt_qgis.settings import CdiktSettings
+    from model_backend.cli import EXIT_CANCELLED, main
+    from model_backend.core.errors import Cancelled
+    from model_backend.nn.weights import default_weights_path
+
+    from .qgis_helpers import wait_until
+
+    arrived = []
+
+    def entry(request, *, progress=None, cancel=None):
+        arrived.append(request)
+        raise Cancelled("Stopped by the test once the request arrived.")
+
+    monkeypatch.setattr(engine, "adapt_model", entry)
+    raster, labels = naip_adapt_case(tmp_path)
+    raster, labels, weights = raster.resolve(), labels.resolve(), default_weights_path().resolve()
+
+    assert main(["adapt", "--raster", str(raster), "--labels", str(labels), "--weights", str(weights),
+                 "--out", str(tmp_path / "cli.safetensors")]) == EXIT_CANCELLED
+    with pytest.raises(QgsProcessingException, match="Stopped by the test"):
+        _run("cdikt:adapt", {"RASTER": str(raster), "LABELS": str(labels), "WEIGHTS": str(weights),
+                             "OUTPUT": str(tmp_path / "processing.safetensors")})
+    layer = QgsRasterLayer(str(raster), "naip 2015")
+    QgsProject.instance().addMapLayer(layer)
+    settings = CdiktSettings()
+    settings.weights_path = str(weights)
+    controller = AdaptController(iface, ModelPanel(iface.mainWindow()), settings, raster=lambda: layer,
+                                 labels_path=lambda: labels, confirm_few_pairs=lambda n: True)
+    task = controller.adapt()
+    assert task is not None and wait_until(lambda: controller.task is None, 60)
+    assert task.outcome.status.value == "cancelled"
+    QgsProject.instance().removeMapLayer(layer.id())
+
+    def asked(r) -> tuple:  # what the analyst decided; the output file and folders are each front end's
+        return (Path(r.raster), Path(r.labels), Path(r.model.weights), r.model.runtime, r.photos, r.epochs,
+                r.look, r.seed, r.record)
+
+    assert len(arrived) == 3
+    assert asked(arrived[0]) == asked(arrived[1]) == asked(arrived[2])
+    assert Path(arrived[0].out).name == "cli.safetensors" and Path(arrived[1].out).name == "processing.safetensors"
+    assert Path(arrived[2].out).is_relative_to(data_dir) and arrived[2].out.endswith(".safetensors")

@@ -32,6 +32,7 @@ import torch
 from model_backend.core.atomic import atomic_path
 from model_backend.core.config import QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, InputError
+from model_backend.core.requests import AdaptRequest
 from model_backend.geo.exif import load_photo, read_priors
 from model_backend.geo.geodesy import ground_distance_m
 from model_backend.geo.raster import open_raster
@@ -186,8 +187,7 @@ def validation_figure(raster: str, labels: list[ResolvedLabel], net: EmbeddingMo
         _check_cancel(cancel)
         image = load_photo(str(lb.photo))
         q = photo_queries(net, image, read_priors(str(lb.photo)).yaw_deg, config.rotations)
-        scores, _ = score_tiles(idx, q)
-        cands = select_candidates(idx.grid, idx.cols, idx.rows, scores, config.max_rank, QueryConfig().nms_iou)
+        cands = select_candidates(score_tiles(idx, q), config.max_rank, QueryConfig().nms_iou)
         if cands:
             d = ground_distance_m(idx.grid.crs_wkt, np.array([c.x for c in cands]), np.array([c.y for c in cands]),
                                   np.full(len(cands), lb.cx), np.full(len(cands), lb.cy))
@@ -241,6 +241,17 @@ def _apply_look(model: CDIKTNet, raster: str, train: list[ResolvedLabel], config
     if choice.look == "luminance":
         fold_luminance(model)
     return choice
+
+
+def adapt_model(request: AdaptRequest, *, progress: ProgressFn | None = None,
+                cancel: CancelFn | None = None) -> AdaptResult:
+    """The job as every front end asks for it: one AdaptRequest, unchanged (see core.requests)."""
+    config = AdaptConfig(seed=request.seed, look=request.look, runtime=request.model.runtime,
+                         **({"epochs": request.epochs} if request.epochs else {}))
+    registry = ModelRegistry(request.data_dir) if request.record else None
+    return adapt(request.raster, request.labels, request.out, request.model.weights, config=config,
+                 photos=list(request.photos), cache_dir=request.cache_dir, registry=registry,
+                 threads=request.model.threads, progress=progress, cancel=cancel)
 
 
 def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = None, *,
