@@ -10,12 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from model_backend.core.config import ADAPT_LOOKS, ModelConfig, QueryConfig, TilingConfig
+from model_backend.core.config import (
+    ADAPT_LOOKS,
+    MAX_BATCH,
+    MAX_ROTATIONS,
+    MAX_TOP_K,
+    RUNTIME_NAMES,
+    ModelConfig,
+    QueryConfig,
+    TilingConfig,
+)
 from model_backend.core.errors import Cancelled, CdiktError
 from model_backend.core.requests import AdaptRequest, IndexRequest, LocateRequest
 
@@ -47,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     _device(p)
     p.add_argument("--stride", type=float, default=0.5, help="tile step as a fraction of the footprint (1/n)")
     _cache_dir(p)
-    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_NAMES,
                    help="CPU inference engine (default auto: OpenVINO, else ONNX Runtime, else PyTorch)")
     _verbose(p)
 
@@ -91,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     _verbose(p)
 
+    p = sub.add_parser("cache", help="list the cache (indexes, partial builds, runtime exports) or shrink it")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--list", action="store_true", help="one JSON line per entry (default)")
+    group.add_argument("--prune", action="store_true",
+                       help="remove partial builds and leftovers older than --older-than-days, then the least "
+                            "recently used indexes until the cache fits --max-gb")
+    p.add_argument("--max-gb", type=float, help="size limit for --prune (default: none)")
+    p.add_argument("--older-than-days", type=float, default=7.0, help="age of partial builds to remove (default 7)")
+    p.add_argument("--dry-run", action="store_true", help="say what --prune would remove, remove nothing")
+    p.add_argument("--results", action="store_true",
+                   help="--prune also removes the plugin's Locate results older than --older-than-days "
+                        "(layers of a saved project may still point at them)")
+    _cache_dir(p)
+    _verbose(p)
+    p.set_defaults(weights=None, device="cpu", batch_size=32)
+
     from model_backend.learn.training.command import add_parser as add_train_parser  # torch-free: `train` options
 
     add_train_parser(sub)
@@ -113,6 +139,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+RANGES = {"top_k": ("--top-k", 1, MAX_TOP_K), "rotations": ("--rotations", 1, MAX_ROTATIONS),
+          "batch_size": ("--batch-size", 1, MAX_BATCH)}
+"""Whole-number options and their bounds (core.config's): beyond them a job would ask for absurd
+memory or time, so it is refused in one line first."""
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for attr, (flag, lo, hi) in RANGES.items():
+        value = getattr(args, attr, None)
+        if value is not None and not lo <= value <= hi:
+            raise_user(f"{flag} must be from {lo} to {hi}, got {value}.")
+    device = getattr(args, "device", None)
+    if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise_user(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}.")
+
+
+def _gdal_messages_to_log() -> None:
+    """GDAL's own handler prints "ERROR 1: ..." on stderr beside our one-line message (a truncated
+    raster read outside rasterio's environment); route its messages to the log (-v shows them)."""
+    try:
+        from osgeo import gdal
+    except ImportError:
+        return
+    gdal_log = logging.getLogger("gdal")
+
+    def handler(err_class: int, err_no: int, message: str) -> None:
+        gdal_log.info("GDAL error %d (class %d): %s", err_no, err_class, message)
+
+    gdal.SetErrorHandler(handler)  # process-wide: tiles are read on a worker thread (Push is per thread)
+
+
 def _progress(verbose: bool):
     if not verbose:
         return None
@@ -127,11 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    model = ModelConfig(weights=args.weights, device=args.device, batch_size=args.batch_size,
-                        runtime=getattr(args, "runtime", "auto"))
+    _gdal_messages_to_log()
     try:
-        if args.batch_size < 1:  # 0 would loop forever on empty batches
-            raise_user(f"--batch-size must be at least 1, got {args.batch_size}.")
+        _check_ranges(args)  # every option, before any work, in the terms of its flag
+        model = ModelConfig(weights=args.weights, device=args.device, batch_size=args.batch_size,
+                            runtime=getattr(args, "runtime", "auto"))
         if args.weights and not Path(args.weights).exists():  # before torch is imported: fails in a blink
             raise_user(f"Weights file not found: {args.weights}. Check --weights.")
         if args.command == "adapt":
@@ -142,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "cache":
+            return _cache(args)
         if args.command == "index":
             return _index(args, model)
         return _locate(args, model)
@@ -170,6 +229,27 @@ def _adapt(args: argparse.Namespace, model: ModelConfig) -> int:
 
     result = adapt_model(request, progress=_progress(args.verbose))
     print(result.json_line(), flush=True)
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """One JSON line per entry listed (or removed), then a summary line with the totals."""
+    from model_backend.index.cache import list_cache, prune_cache
+
+    if args.prune:
+        if args.max_gb is not None and args.max_gb < 0:
+            raise_user(f"--max-gb must be zero or more, got {args.max_gb}.")
+        max_bytes = None if args.max_gb is None else int(args.max_gb * 2**30)
+        entries = prune_cache(args.cache_dir, max_bytes, args.older_than_days, dry_run=args.dry_run,
+                              results=args.results)
+    else:
+        entries = list_cache(args.cache_dir)
+    for e in entries:
+        print(json.dumps(e.to_dict()), flush=True)
+    total = sum(e.bytes for e in entries)
+    verb = "would remove" if args.prune and args.dry_run else "removed" if args.prune else "holds"
+    print(json.dumps({"summary": f"{verb} {len(entries)} entries, {total / 2**20:.1f} MB", "entries": len(entries),
+                      "bytes": total}), flush=True)
     return 0
 
 
@@ -227,8 +307,6 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
     from model_backend.geo.tiling import cells_per_tile, make_grid
 
     # Everything checkable without the model (and without importing torch) fails first, in a second.
-    if args.top_k < 1:
-        raise_user(f"--top-k must be at least 1, got {args.top_k}.")
     if args.footprint_m is not None and args.footprint_m <= 0:
         raise_user(f"--footprint-m must be positive, got {args.footprint_m}.")
     if args.prior_radius_m is not None and not args.prior_radius_m > 0:
@@ -253,6 +331,7 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
     if not photos:
         return EXIT_USER_ERROR
 
+    from model_backend.core.paths import output_names
     from model_backend.locate.pipeline import locate
     from model_backend.nn.embedder import EmbeddingModel
 
@@ -260,9 +339,9 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
     base = LocateRequest(args.raster, "", args.out, tiling=tiling, model=model, cache_dir=args.cache_dir,
                          query=QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m),
                          verify=args.verify, prior_radius_m=args.prior_radius_m)
-    for photo in photos:
+    for photo, name in zip(photos, output_names(photos)):  # two DJI_0001.JPG of two flights: two sets
         try:
-            res = locate(replace(base, photo=photo), progress=_progress(args.verbose), embedder=net)
+            res = locate(replace(base, photo=photo, out_name=name), progress=_progress(args.verbose), embedder=net)
         except Cancelled:
             raise
         except CdiktError as exc:

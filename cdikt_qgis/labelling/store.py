@@ -143,10 +143,10 @@ class LabelStore(QObject):
         cached = self._hashes.get(p)
         if cached is not None and cached[0] == key:
             return cached[1]
-        from model_backend.learn.labels import file_sha256
+        from model_backend.core.checksums import sha256_file
 
         try:
-            digest = file_sha256(p)
+            digest = sha256_file(p)
         except OSError as exc:  # unreadable now (permissions, a network drive gone): not labelled, not an error
             log.info("Cannot hash %s: %s", p, exc)
             return None

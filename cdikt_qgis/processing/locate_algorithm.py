@@ -9,7 +9,6 @@ filtered, joined or exported together; each photo keeps its own heatmap GeoTIFF.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -78,17 +77,6 @@ def expand_photos(entries: list[str]) -> list[str]:
     if not photos:
         raise QgsProcessingException("Pick at least one drone photo, or a folder of photos.")
     return list(dict.fromkeys(photos))
-
-
-def output_folders(photos: list[str], root: str) -> list[str]:
-    """One folder per photo: the root, unless two photos share a stem (outputs are named by stem)."""
-    seen: Counter[str] = Counter()
-    out = []
-    for photo in photos:
-        stem = Path(photo).stem
-        seen[stem] += 1
-        out.append(root if seen[stem] == 1 else str(Path(root) / f"{stem}_{seen[stem]}"))
-    return out
 
 
 def _file_path(uri: str) -> Path | None:
@@ -194,6 +182,7 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
         import_engine()
         from model_backend.core.config import QueryConfig
         from model_backend.core.errors import Cancelled, CdiktError
+        from model_backend.core.paths import output_names
         from model_backend.core.requests import LocateRequest
         from model_backend.geo.raster import open_raster
         from model_backend.locate.pipeline import locate
@@ -225,13 +214,13 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
             prior_radius_m=self.parameterAsDouble(parameters, NEAR_GPS, context) or None)
         heatmaps: list[tuple[str, str]] = []
         failures: list[str] = []
-        for i, (photo, out_dir) in enumerate(zip(photos, output_folders(photos, root))):
+        for i, (photo, out_name) in enumerate(zip(photos, output_names(photos))):
             part = bridge.part(i, len(photos))
             name = Path(photo).name
             feedback.pushInfo(f"Photo {i + 1} of {len(photos)}: {name}")
             try:
-                res = locate(replace(base, photo=photo, out_dir=out_dir), progress=part.progress, cancel=part.cancel,
-                             embedder=net)
+                res = locate(replace(base, photo=photo, out_name=out_name), progress=part.progress,
+                             cancel=part.cancel, embedder=net)
             except Cancelled as exc:
                 raise QgsProcessingException(one_line(exc)) from None
             except CdiktError as exc:

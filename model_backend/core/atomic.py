@@ -7,9 +7,11 @@ No torch import, so light modules (model versions, labels) can use it too.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ from model_backend.core.errors import InputError
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], suffix: str = ".tmp") -> None:
     """Call `write` on a temp file in the target's folder, fsync it, then rename it onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent, f".{path.name}.", suffix)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -43,6 +46,22 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array), suffix=".npy")
 
 
+STALE_S = 3600.0
+"""A hidden temp folder untouched this long was left by a killed writer (a live one keeps writing)."""
+
+
+def sweep_stale(folder: Path, prefix: str, suffix: str, older_than_s: float = STALE_S) -> None:
+    """Remove what killed writers left in `folder` (`prefix`*`suffix`, untouched for an hour):
+    `kill -9` skips every cleanup, so the next writer of the same name cleans up instead."""
+    now = time.time()
+    for stale in folder.glob(glob.escape(prefix) + "*" + glob.escape(suffix)):
+        try:
+            if now - stale.stat().st_mtime > older_than_s:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        except OSError:  # removed meanwhile, or not ours to remove: left alone
+            continue
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], sidecars: Iterable[str] = ()) -> Iterator[str]:
     """Yield a temporary path to write; on success rename it (and its sidecars) onto `path`.
@@ -56,6 +75,7 @@ def atomic_path(path: str | os.PathLike[str], sidecars: Iterable[str] = ()) -> I
     folder = target.parent
     if not folder.is_dir():
         raise InputError(f"Output folder {folder} does not exist; create it or choose another.")
+    sweep_stale(folder, f".{target.name}.", ".part")
     try:
         tmpdir = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
     except OSError as exc:

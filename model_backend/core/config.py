@@ -6,8 +6,13 @@ tiling and model match, and lets any output be traced back to exactly what produ
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from model_backend.core.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,15 @@ class ModelConfig:
     """CPU inference engine: 'auto' (OpenVINO, else ONNX Runtime, else PyTorch), 'torch', 'openvino' or
     'onnxruntime'. CUDA always runs PyTorch. Embeddings agree across runtimes, so the index key ignores it."""
 
+    def __post_init__(self) -> None:
+        _in_range("Batch size", self.batch_size, 1, MAX_BATCH)
+        if self.threads is not None:
+            _in_range("Threads", self.threads, 1, 1024)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise InputError(f"Unknown device {self.device!r}; use auto, cpu, cuda or cuda:N.")
+        if self.runtime not in RUNTIME_NAMES:
+            raise InputError(f"Unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIME_NAMES)}.")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -60,8 +74,31 @@ class QueryConfig:
     scale_search: tuple[float, ...] = field(default=(0.6, 1.0, 1.6))
     """Footprint multipliers tried when the footprint is unknown."""
 
+    def __post_init__(self) -> None:
+        _in_range("Number of candidates", self.top_k, 1, MAX_TOP_K)
+        _in_range("Number of headings (rotations)", self.rotations, 1, MAX_ROTATIONS)
+        if not 0.0 <= self.nms_iou <= 1.0:
+            raise InputError(f"NMS IoU must be between 0 and 1 (e.g. 0.1), got {self.nms_iou}.")
+        if self.footprint_m is not None and not (math.isfinite(self.footprint_m) and self.footprint_m > 0):
+            raise InputError(f"The footprint must be a positive number of metres, got {self.footprint_m}.")
+        if not self.scale_search or not all(math.isfinite(s) and s > 0 for s in self.scale_search):
+            raise InputError(f"Scale search factors must be positive numbers, got {self.scale_search}.")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+MAX_TOP_K = 1000
+MAX_ROTATIONS = 360
+MAX_BATCH = 4096
+"""Upper bounds of the options: beyond them a job asks for absurd memory or time (a batch of 10^8
+tiles tried to allocate terabytes), so it is refused in one line before any work."""
+RUNTIME_NAMES = ("auto", "torch", "openvino", "onnxruntime")
+
+
+def _in_range(what: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        raise InputError(f"{what} must be a whole number from {lo} to {hi}, got {value!r}.")
 
 
 ADAPT_LOOKS = ("auto", "colour", "luminance")

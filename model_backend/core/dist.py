@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -46,11 +47,50 @@ class Shard:
         return self.rank == 0
 
 
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun sets for every process it starts; a job counts as distributed only when all are there."""
+CONNECT_TIMEOUT_S = 60.0
+"""How long a rank other than 0 tries to reach rank 0 before saying so ($CDIKT_DIST_CONNECT_S)."""
+
+
 def env_world_size() -> int:
+    """Processes in this job: WORLD_SIZE when torchrun started us (all its variables set), else 1.
+
+    A stray WORLD_SIZE=2 left in a shell (or set for another tool) must not turn a plain `index`
+    into a distributed job that crashes or waits for peers that never come.
+    """
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 1
+    missing = [v for v in LAUNCH_VARIABLES if not os.environ.get(v)]
+    if world > 1 and missing:
+        log.warning("WORLD_SIZE=%d is set but %s %s not: not started by torchrun, running as one process",
+                    world, ", ".join(missing), "is" if len(missing) == 1 else "are")
+        return 1
+    return max(world, 1)
+
+
+def check_rendezvous(timeout_s: float | None = None) -> None:
+    """On a rank other than 0, reach rank 0's MASTER_ADDR:MASTER_PORT within the timeout, or say why not
+    in one line (joining the process group would otherwise wait silently for half an hour)."""
+    import socket
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        return
+    host, port = os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0") or 0)
+    limit = timeout_s if timeout_s is not None else float(os.environ.get("CDIKT_DIST_CONNECT_S", CONNECT_TIMEOUT_S))
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, limit)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise InputError(f"Cannot reach rank 0 at {host}:{port} within {limit:.0f} s ({exc.strerror or exc}); "
+                                 "start every process with torchrun, or unset WORLD_SIZE/RANK to run as one.") \
+                    from None
+            time.sleep(1.0)
 
 
 def is_distributed() -> bool:
@@ -70,7 +110,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> tuple[i
     import torch.distributed as dist
 
     world = env_world_size()
-    if world <= 1:
+    if world <= 1 and not is_distributed():  # a group set up by the caller (any init method) still counts
         return 0, 1, resolve_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
@@ -80,6 +120,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> tuple[i
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
+        check_rendezvous()
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     rank = dist.get_rank()
     log.info("Rank %d of %d on %s (%s)", rank, dist.get_world_size(), dev, dist.get_backend())

@@ -47,3 +47,30 @@ def resources_dir() -> Path:
 def test_data_dir() -> Path:
     """A checkout's `tests/data` (benchmarks and evaluation read it; the plugin zip has none)."""
     return CHECKOUT_ROOT / "tests" / "data"
+
+
+def output_names(photos: list[str]) -> list[str]:
+    """A distinct, recognisable output name per photo of one batch (outputs are <name>.heatmap.tif, ...).
+
+    The photo's stem, unless another photo of the batch has the same stem (compared ignoring case,
+    as Windows and macOS file systems do): DJI cameras restart their numbering in every flight
+    folder, and `photo.jpg` may sit beside `photo.png`. Those get their folder's name and their
+    extension added (`flight2_DJI_0001_JPG`), and a number if that still collides.
+    """
+    stems = [Path(p).stem for p in photos]
+    clashes = {s.lower() for s in stems if sum(t.lower() == s.lower() for t in stems) > 1}
+    names = []
+    for photo, stem in zip(photos, stems):
+        p = Path(photo)
+        if stem.lower() in clashes:
+            stem = "_".join(part for part in (p.parent.name, stem, p.suffix.lstrip(".")) if part)
+        names.append(stem)
+    taken: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, n = name, 2
+        while candidate.lower() in taken:
+            candidate, n = f"{name}_{n}", n + 1
+        taken.add(candidate.lower())
+        unique.append(candidate)
+    return unique

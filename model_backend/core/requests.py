@@ -38,6 +38,9 @@ class LocateRequest:
     """None: verify when the photo looks down enough (the engine decides); False: never; True: always."""
     prior_radius_m: float | None = None
     """Score only tiles this close to the photo's EXIF position; None: the whole raster."""
+    out_name: str | None = None
+    """Name of the outputs (<out_name>.heatmap.tif, ...); None: the photo's stem. A batch gives each
+    photo a distinct one (core.paths.output_names)."""
 
 
 @dataclass(frozen=True)

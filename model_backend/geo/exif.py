@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,10 @@ SENSOR_WIDTH_BY_NAME: dict[str, float] = {
 _XMP_NUM = r"\s*=\s*\"\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*\""
 
 
+MAX_ALTITUDE_M = 10_000.0
+"""Heights above take-off beyond this are broken tags, not drone flights (ignored as a footprint prior)."""
+
+
 @dataclass(frozen=True)
 class PhotoPriors:
     lat: float | None = None
@@ -91,8 +96,8 @@ class PhotoPriors:
         `altitude_m` overrides the photo's relative altitude (a user who knows the flight height).
         """
         alt = altitude_m if altitude_m is not None else self.relative_altitude_m
-        if alt is None or alt <= 0 or not self.sensor_width_mm or not self.focal_length_mm:
-            return None
+        if alt is None or not 0 < alt <= MAX_ALTITUDE_M or not self.sensor_width_mm or not self.focal_length_mm:
+            return None  # an absurd altitude is a broken tag: ignored, as if the photo had none
         return alt * self.sensor_width_mm / self.focal_length_mm
 
     def ground_short_side_m(self, altitude_m: float | None = None) -> float | None:
@@ -143,13 +148,21 @@ def load_photo(path: str) -> np.ndarray:
     if not p.is_file():
         raise InputError(f"Photo not found: {p}. Check the path.")
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():
+            # Huge photos are shrunk right after decoding (`_at_most`); Pillow's warning would only
+            # clutter the command line. Its hard limit (twice the warning's) still refuses bombs.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+        with im:
+            if im.format == "JPEG":  # decode at a reduced scale (1/2 .. 1/8) when the photo is huge
+                im.draft("RGB", (MAX_PHOTO_SIDE, MAX_PHOTO_SIDE))
             im.load()
+            im = _at_most(im, MAX_PHOTO_SIDE)
             try:
                 im = ImageOps.exif_transpose(im)
             except METADATA_ERRORS as exc:  # a broken orientation tag leaves the image as stored
                 log.info("%s: orientation tag ignored (%s: %s)", p.name, type(exc).__name__, exc)
-            return _to_rgb(im)
+            rgb = _to_rgb(im)
     except UnidentifiedImageError:
         raise InputError(f"{p.name} is not an image file; pick a JPEG, PNG or TIFF photo.") from None
     except Image.DecompressionBombError:
@@ -157,6 +170,42 @@ def load_photo(path: str) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
         raise InputError(f"{p.name} is damaged or truncated and cannot be decoded ({detail}).") from None
+    check_content(rgb, p.name)
+    return rgb
+
+
+MAX_PHOTO_SIDE = 6000
+"""Photos are used at most this large (long side): matching works at a few hundred pixels a footprint,
+and a 13000 x 13000 PNG of 20 KB would otherwise take gigabytes at every later step."""
+
+
+def _at_most(im: Image.Image, side: int) -> Image.Image:
+    """`im` shrunk by a whole factor (box filter) until its long side is at most `side`; else unchanged."""
+    factor = -(-max(im.size) // side)
+    if factor <= 1:
+        return im
+    if im.mode not in ("RGB", "RGBA", "L", "LA"):  # reduce() needs 8-bit modes
+        im = im.convert("RGB") if im.mode not in ("I;16", "I;16B", "I;16L", "I", "F") else im.convert("F")
+    return im.reduce(factor)
+
+
+MIN_PHOTO_PX = 32
+"""A photo's short side must have at least this many pixels to be matched against tiles."""
+MIN_CONTRAST = 2.0
+"""Standard deviation (grey levels) below which a photo shows nothing to match: blank, black, a lens cap."""
+
+
+def check_content(image: np.ndarray, name: str) -> None:
+    """Refuse a photo with nothing to match (too small, or one flat colour) in one line.
+
+    Any image gets a best tile, so without this a 1x1 or blank photo was "located" with a score of 0.7.
+    """
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_PHOTO_PX:
+        raise InputError(f"{name} is {w} x {h} pixels: too small to match (at least {MIN_PHOTO_PX} px a side).")
+    step = max(1, min(h, w) // 256)  # a few hundred thousand samples decide, whatever the photo's size
+    if float(image[::step, ::step].reshape(-1, image.shape[-1]).std(axis=0).max()) < MIN_CONTRAST:
+        raise InputError(f"{name} is blank (one flat colour): there is nothing in it to match.")
 
 
 def read_visloc_log(csv_path: str) -> dict[str, PhotoPriors]:

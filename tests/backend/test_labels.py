@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pyproj import CRS, Transformer
 
+from model_backend.core.checksums import sha256_file
 from model_backend.core.errors import InputError
 from model_backend.geo.raster import open_raster
 from model_backend.learn.labels import (
@@ -47,7 +48,7 @@ def photo(tmp_path: Path, data_dir: Path) -> Path:
 def _set(info, photo: Path, path: Path, n: int = 2) -> LabelSet:
     (x0, y0, x1, y1) = _bounds(info)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    labels = [Label(photo=str(photo), heading=30.0 * i, photo_sha256="ab" * 32,
+    labels = [Label(photo=str(photo), heading=30.0 * i, photo_sha256=sha256_file(photo),
                     ring=square_footprint(cx + 500 * i, cy, 300.0, 30.0 * i, info.crs_wkt)) for i in range(n)]
     return LabelSet(labels, info.crs_wkt, str(path))
 
@@ -80,7 +81,7 @@ def test_gpkg_round_trip_keeps_crs_fields_and_relative_photos(data_dir: Path, tm
     back = read_labels(path)
     assert CRS.from_wkt(back.crs_wkt) == CRS.from_wkt(info.crs_wkt)
     assert [lb.heading for lb in back.labels] == [0.0, None]
-    assert back.labels[0].photo_sha256 == "ab" * 32 and back.labels[0].created == ls.labels[0].created
+    assert back.labels[0].photo_sha256 == ls.labels[0].photo_sha256 and back.labels[0].created == ls.labels[0].created
     assert back.photo_path(back.labels[1]) == photo
     assert [v for pt in back.labels[0].ring for v in pt] == pytest.approx([v for pt in ls.labels[0].ring for v in pt])
 

@@ -114,7 +114,7 @@ def test_evaluate_command_end_to_end(layout: Path) -> None:
     (["--layout", "university1652", "--data", "{layout}", "--height", "150"], "SUES-200 only"),
     (["--layout", "cvusa", "--data", "{layout}"], "unknown layout"),
     (["--layout", "university1652", "--data", "{layout}/test"], "its parent"),
-    (["--layout", "university1652", "--data", "{layout}", "--batch-size", "0"], "at least 1"),
+    (["--layout", "university1652", "--data", "{layout}", "--batch-size", "0"], "from 1 to"),
     (["--layout", "university1652", "--data", "{layout}", "--weights", "{missing}"], "weights file not found"),
 ])
 def test_evaluate_bad_input_exits_2_with_one_line(layout: Path, tmp_path: Path, capsys, args, phrase) -> None:

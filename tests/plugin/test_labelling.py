@@ -216,7 +216,8 @@ def test_a_moved_or_copied_photo_keeps_its_label(iface, tmp_path: Path, photos: 
     from qgis.core import QgsPointXY, QgsProject, QgsRasterLayer
 
     from cdikt_qgis.labelling import LabelPairsDialog, LabelStore
-    from model_backend.learn.labels import file_sha256, read_labels, ring_side_m
+    from model_backend.core.checksums import sha256_file as file_sha256
+    from model_backend.learn.labels import read_labels, ring_side_m
 
     layer = QgsRasterLayer(str(RASTER), "naip 2015")
     QgsProject.instance().addMapLayer(layer)  # the dialog's raster box lists project layers
@@ -284,7 +285,8 @@ def test_an_old_labels_file_without_hashes_stays_readable_and_gains_them(tmp_pat
     from osgeo import ogr
 
     from cdikt_qgis.labelling import LabelStore
-    from model_backend.learn.labels import file_sha256, read_labels
+    from model_backend.core.checksums import sha256_file as file_sha256
+    from model_backend.learn.labels import read_labels
 
     old = tmp_path / "old_labels.gpkg"
     lost = photos / "DJI_0007.JPG"  # deleted long ago: it keeps its label, and no hash can be made for it

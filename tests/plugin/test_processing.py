@@ -184,7 +184,8 @@ def test_locate_a_folder_writes_a_heatmap_per_photo_and_one_matches_layer(provid
     for f in matches.getFeatures():
         by_photo.setdefault(f["photo"], []).append(f["rank"])
         assert f.geometry().type() == QgsWkbTypes.PolygonGeometry and not f.geometry().isEmpty()
-    assert {k: sorted(v) for k, v in by_photo.items()} == {"view_a.jpg": [1, 2, 3], "view_b.jpg": [1, 2, 3]}
+    assert {Path(k).name: sorted(v) for k, v in by_photo.items()} == {"view_a.jpg": [1, 2, 3], "view_b.jpg": [1, 2, 3]}
+    assert all(Path(k).is_absolute() for k in by_photo)  # the full path: two flights may share a name
 
 
 def test_one_matches_schema_for_the_layer_the_geojson_and_the_geopackage(provider, cache, photos, tmp_path) -> None:

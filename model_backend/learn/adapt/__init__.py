@@ -268,6 +268,8 @@ def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = N
     if progress:
         progress(0.0, "Checking the labelled pairs")
     out_path = _check_out(out)
+    if registry is not None:  # an unreadable registry found after training would lose the run's figures
+        registry.check_writable()
     info = open_raster(raster)
     label_set = labels if isinstance(labels, LabelSet) else read_labels(labels)
     a = info.affine

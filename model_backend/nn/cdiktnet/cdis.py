@@ -27,6 +27,7 @@ from torch import nn
 
 from model_backend.core.errors import InputError
 from model_backend.nn.cdiktnet.backbone import DEFAULT_BACKBONE, Backbone, build_backbone, load_state_strict
+from model_backend.nn.weights import DIGEST_KEY, tensors_digest
 
 ARCHITECTURE = "cdiktnet"
 INFERENCE_PREFIX = "backbone."
@@ -270,7 +271,7 @@ def save_inference_weights(model: CDIKTNet, path: str | Path, meta: Mapping[str,
     full = {k: v for k, v in full.items() if k not in ("weights_sha256", "weights_name")}
     state = net.backbone.state_dict()
     tensors = {INFERENCE_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"cdikt_meta": json.dumps(full)})
+    save_file(tensors, str(path), metadata={"cdikt_meta": json.dumps(full), DIGEST_KEY: tensors_digest(tensors)})
     return full
 
 
