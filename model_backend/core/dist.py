@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from model_backend.core.errors import InputError
 
@@ -71,6 +71,26 @@ def env_world_size() -> int:
     return max(world, 1)
 
 
+def _rendezvous_store(world: int) -> Any:
+    """The TCP store of a job whose processes were started by hand (RANK, MASTER_ADDR... set by the user):
+    rank 0 hosts it and waits CONNECT_TIMEOUT_S for the others, which must reach it as long; either side
+    gives up with one line instead of waiting for the job's whole timeout."""
+    import torch.distributed as dist
+
+    check_rendezvous()
+    rank = int(os.environ["RANK"])
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    limit = float(os.environ.get("CDIKT_DIST_CONNECT_S", CONNECT_TIMEOUT_S))
+    try:
+        store = dist.TCPStore(host, port, world, rank == 0, timedelta(seconds=limit), wait_for_workers=True)
+    except (RuntimeError, OSError) as exc:  # DistStoreError is a RuntimeError
+        what = "No other process joined" if rank == 0 else "Cannot join"
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+        raise InputError(f"{what} rank 0 at {host}:{port} within {limit:.0f} s ({detail}); start all "
+                         f"{world} processes, or unset WORLD_SIZE/RANK to run as one.") from None
+    return store
+
+
 def check_rendezvous(timeout_s: float | None = None) -> None:
     """On a rank other than 0, reach rank 0's MASTER_ADDR:MASTER_PORT within the timeout, or say why not
     in one line (joining the process group would otherwise wait silently for half an hour)."""
@@ -120,8 +140,12 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> tuple[i
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        check_rendezvous()
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        backend = "nccl" if use_cuda else "gloo"
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun: its agent hosts the rendezvous and started every rank
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        else:  # started by hand: a missing peer is said within a minute, not after the job's timeout
+            dist.init_process_group(backend=backend, store=_rendezvous_store(world), rank=int(os.environ["RANK"]),
+                                    world_size=world, timeout=timedelta(seconds=timeout_s))
     rank = dist.get_rank()
     log.info("Rank %d of %d on %s (%s)", rank, dist.get_world_size(), dev, dist.get_backend())
     return rank, dist.get_world_size(), dev

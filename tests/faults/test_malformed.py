@@ -219,3 +219,43 @@ def test_a_lock_held_elsewhere_times_out_in_one_line(tmp_path: Path) -> None:
         holder.wait()
     with file_lock(lock, timeout_s=0.5):  # released by the OS when its holder died
         pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_rank_0_without_its_peers_says_so(tmp_path: Path) -> None:
+    """RANK/MASTER_ADDR set by hand and no second process: it waited 30 minutes in silence."""
+    port = _free_port()
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "CDIKT_DIST_CONNECT_S": "3"}
+    proc = run_cli("index", RASTER, "--footprint-m", FOOTPRINT, "--device", "cpu", cache=tmp_path / "cache",
+                   env=env, timeout=120)
+    one_line_error(proc, "no other process joined rank 0", f"127.0.0.1:{port}")
+
+
+def test_two_processes_started_by_hand_build_one_index(tmp_path: Path) -> None:
+    """The same job launched by hand (not torchrun) with all of torchrun's variables: it still works."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "CDIKT_CACHE_DIR": str(tmp_path / "cache"), "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CDIKT_CHUNK_TILES": "20"}
+        env.pop("TORCHELASTIC_RUN_ID", None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "model_backend", "index", str(RASTER), "--footprint-m",
+                                       str(FOOTPRINT), "--device", "cpu", "--runtime", "torch"], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    assert len([f for f in (tmp_path / "cache" / "indexes").iterdir() if (f / "manifest.json").is_file()]) == 1
