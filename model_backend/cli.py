@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prune", action="store_true",
                        help="remove partial builds and leftovers older than --older-than-days, then the least "
                             "recently used indexes until the cache fits --max-gb")
-    p.add_argument("--max-gb", type=float, help="size limit for --prune (default: none)")
+    p.add_argument("--max-gb", type=float, default=_env_float("CDIKT_CACHE_MAX_GB"),
+                   help="size limit for --prune (default: $CDIKT_CACHE_MAX_GB, else none)")
     p.add_argument("--older-than-days", type=float, default=7.0, help="age of partial builds to remove (default 7)")
     p.add_argument("--dry-run", action="store_true", help="say what --prune would remove, remove nothing")
     p.add_argument("--results", action="store_true",
@@ -153,6 +155,14 @@ def _check_ranges(args: argparse.Namespace) -> None:
     device = getattr(args, "device", None)
     if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise_user(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}.")
+
+
+def _env_float(name: str) -> float | None:
+    """A number from the environment (a setting kept across runs), or None when unset or not a number."""
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return None
 
 
 def _gdal_messages_to_log() -> None:

@@ -171,3 +171,34 @@ def test_a_damaged_runtime_export_is_replaced_not_used(tmp_path: Path) -> None:
             emb = np.asarray(TileIndex.open(folder).embeddings, np.float32)
             assert np.isfinite(emb).all() and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=0.01)
     shutil.rmtree(cache)
+
+
+def test_a_runtime_that_gives_nan_is_refused(tmp_path: Path, embedder) -> None:
+    """`cos < 0.999` is False for NaN, so a NaN-giving runtime passed the check; now it is refused
+    (and its cached export removed), and the model falls back to PyTorch."""
+    from model_backend.nn import runtime
+    from model_backend.nn.runtime import RuntimeSpec, make_runner
+
+    spec = RuntimeSpec(embedder.meta.weights_sha256, embedder.meta.input_size, embedder.meta.architecture,
+                       embedder.meta.pooling)
+    real = runtime.RUNNERS["onnxruntime"]
+
+    def poisoned(path: Path, threads: int):  # the real ONNX Runtime session, its outputs turned to NaN
+        session = real(path, threads)
+
+        class Poisoned:
+            name = "onnxruntime"
+
+            def __call__(self, x: np.ndarray) -> np.ndarray:
+                return session(x) * np.nan
+
+        return Poisoned()
+
+    runtime.RUNNERS["onnxruntime"] = poisoned
+    try:
+        with pytest.raises(RuntimeError, match="disagrees with PyTorch"):
+            make_runner("onnxruntime", embedder.net, spec, 1, tmp_path)
+    finally:
+        runtime.RUNNERS["onnxruntime"] = real
+    assert not list(tmp_path.glob("*.onnx"))  # removed: the next run exports it again
+    assert make_runner("onnxruntime", embedder.net, spec, 1, tmp_path) is not None
