@@ -19,6 +19,7 @@ from pathlib import Path
 
 from model_backend.core.config import (
     ADAPT_LOOKS,
+    DEVICE_PATTERN,
     MAX_BATCH,
     MAX_ROTATIONS,
     MAX_TOP_K,
@@ -153,7 +154,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
         if value is not None and not lo <= value <= hi:
             raise_user(f"{flag} must be from {lo} to {hi}, got {value}.")
     device = getattr(args, "device", None)
-    if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+    if device is not None and not re.fullmatch(DEVICE_PATTERN, device):
         raise_user(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}.")
 
 

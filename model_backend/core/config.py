@@ -51,7 +51,7 @@ class ModelConfig:
         _in_range("Batch size", self.batch_size, 1, MAX_BATCH)
         if self.threads is not None:
             _in_range("Threads", self.threads, 1, 1024)
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+        if not re.fullmatch(DEVICE_PATTERN, str(self.device)):
             raise InputError(f"Unknown device {self.device!r}; use auto, cpu, cuda or cuda:N.")
         if self.runtime not in RUNTIME_NAMES:
             raise InputError(f"Unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIME_NAMES)}.")
@@ -94,6 +94,8 @@ MAX_BATCH = 4096
 """Upper bounds of the options: beyond them a job asks for absurd memory or time (a batch of 10^8
 tiles tried to allocate terabytes), so it is refused in one line before any work."""
 RUNTIME_NAMES = ("auto", "torch", "openvino", "onnxruntime")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+"""What `ModelConfig.device` accepts (a whole-string regular expression)."""
 
 
 def _in_range(what: str, value: Any, lo: int, hi: int) -> None:

@@ -10,7 +10,6 @@ without one is never mistaken for a finished index.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shutil
@@ -48,26 +47,34 @@ def file_checksums(folder: Path) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in CHECKED_FILES}
 
 
+_VERIFIED: set[tuple] = set()
+"""Index file versions (folder, checksums, sizes, modification times) already checked in this process."""
+
+
 def verify_files(folder: Path, checksums: dict[str, str] | None) -> None:
     """Check the data files against the manifest's checksums and the embeddings' norms; once per
     process and file version (keyed by size and modification time), as a flight reopens one index
     for every photo."""
-    stats = tuple((name, *_stat(folder / name)) for name in CHECKED_FILES)
-    _verify_once(str(folder), stats, json.dumps(checksums or {}, sort_keys=True))
+    key = _version_key(folder, checksums)
+    if key not in _VERIFIED:
+        _verify(folder, checksums or {})
+        _VERIFIED.add(key)
 
 
-def _stat(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+def _version_key(folder: Path, checksums: dict[str, str] | None) -> tuple:
+    stats = tuple((name, st.st_size, st.st_mtime_ns) for name in CHECKED_FILES for st in [(folder / name).stat()])
+    return str(folder), stats, json.dumps(checksums or {}, sort_keys=True)
 
 
-@functools.lru_cache(maxsize=64)
-def _verify_once(folder: str, stats: tuple, checksums_json: str) -> None:
-    checksums = json.loads(checksums_json)
+def _verify(folder: Path, checksums: dict[str, str]) -> None:
     for name, want in checksums.items():
-        if name in CHECKED_FILES and sha256_file(Path(folder) / name) != want:
+        if name in CHECKED_FILES and sha256_file(folder / name) != want:
             raise CorruptIndex(f"{name} does not match its checksum")
-    emb = np.load(Path(folder) / "embeddings.npy", mmap_mode="r")
+    check_rows(np.load(folder / "embeddings.npy", mmap_mode="r"))
+
+
+def check_rows(emb: np.ndarray) -> None:
+    """Raise CorruptIndex unless every row is a finite unit vector (read in blocks: it may be a memory map)."""
     for s in range(0, emb.shape[0], 65536):
         block = np.asarray(emb[s:s + 65536], dtype=np.float32)
         if not np.isfinite(block).all():
@@ -185,12 +192,14 @@ class IndexWriter:
         pos = np.stack([np.concatenate(cols), np.concatenate(rows)], axis=1).astype(np.int32)
         if len(pos) == 0:
             raise InputError("Every tile of this raster is nodata or masked; check its nodata/alpha settings.")
-        if not np.isfinite(emb).all():  # save_chunk refuses them; a chunk damaged on disk is caught here
-            raise CorruptIndex("embeddings hold NaN or infinite values")
+        check_rows(emb)  # build_chunks refuses NaN; a chunk damaged on disk is caught here
         atomic_save_npy(self.folder / "embeddings.npy", emb)
         atomic_save_npy(self.folder / "tiles.npy", pos)
+        checksums = file_checksums(self.folder)
         manifest = {**manifest, "n_tiles": int(len(pos)), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "checksums": file_checksums(self.folder)}
+                    "checksums": checksums}
         atomic_write_bytes(self.folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        # Just hashed, and its rows checked above: opening it must not read it all again.
+        _VERIFIED.add(_version_key(self.folder, checksums))
         shutil.rmtree(self.parts, ignore_errors=True)
         return TileIndex.open(self.folder)
