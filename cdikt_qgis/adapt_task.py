@@ -123,6 +123,15 @@ class AdaptController(QObject):
         self.panel.rollback_button.setEnabled(possible and self.task is None)
 
     def choose(self, path: str | None) -> None:
+        """Make the picked model active, unless it is a recorded version whose file has changed."""
+        from model_backend.learn.versions import ModelRegistry  # torch-free
+
+        try:
+            ModelRegistry(engine_default_data_dir()).check(path)
+        except CdiktError as exc:
+            self._push(str(exc))
+            self.refresh_models()  # the picker shows the model that stays active
+            return
         set_active_model(self.settings, path)
         self._update_rollback()
         self.panel.set_status(f"Active model: {Path(path).name if path else 'embedded default'}.")

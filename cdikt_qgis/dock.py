@@ -212,6 +212,28 @@ class LocateDock(ProgressStatus, QDockWidget):
         self.export_button.setToolTip("Save the ranked footprints as RFC 7946 GeoJSON (WGS84).")
         self.export_button.clicked.connect(self._ask_export_path)
         outer.addWidget(self.export_button)
+        cache_row = QHBoxLayout()
+        self.cache_label = QLabel("", body)
+        self.cache_label.setToolTip(f"Indexes, runtime exports and results in {self.settings.effective_cache_dir()}; "
+                                    "measured after each Locate.")
+        self.cache_limit_spin = QDoubleSpinBox(body)
+        self.cache_limit_spin.setRange(0.0, 10000.0)
+        self.cache_limit_spin.setDecimals(0)
+        self.cache_limit_spin.setSuffix(" GB")
+        self.cache_limit_spin.setSpecialValueText("no limit")
+        self.cache_limit_spin.setValue(self.settings.cache_max_gb)
+        self.cache_limit_spin.setToolTip(
+            "After each Locate the least recently used raster indexes are removed until the cache fits "
+            "(never the raster just searched, nor results still shown). 0 = no limit. The command line "
+            "does the same with: python -m model_backend cache --prune --max-gb N."
+        )
+        self.cache_limit_spin.valueChanged.connect(self._cache_limit_changed)
+        cache_row.addWidget(self.cache_label, 1)
+        cache_row.addWidget(QLabel("limit", body))
+        cache_row.addWidget(self.cache_limit_spin)
+        cache_form = QFormLayout()
+        cache_form.addRow("Cache", cache_row)
+        outer.addLayout(cache_form)
         self.model_panel = ModelPanel(body)  # model picker, labelling, adapt, roll back (controllers: plugin.py)
         outer.addWidget(self.model_panel)
         outer.addStretch(1)
@@ -324,6 +346,12 @@ class LocateDock(ProgressStatus, QDockWidget):
         quiet = time.monotonic() - since
         if message and quiet >= QUIET_S:
             self.status.setText(f"{message} ({quiet:.0f} s)")
+
+    def _cache_limit_changed(self, value: float) -> None:
+        self.settings.cache_max_gb = float(value)
+
+    def set_cache_text(self, text: str) -> None:
+        self.cache_label.setText(text)
 
     def set_result_available(self, available: bool) -> None:
         self.export_button.setEnabled(available)

@@ -25,7 +25,7 @@ from .log import install as install_log
 from .log import uninstall as uninstall_log
 from .notify import Notifier
 from .settings import CdiktSettings
-from .tasks import LayerError, LocateParams, LocateTask, capture_raster, locate_request
+from .tasks import LayerError, LocateParams, LocateTask, capture_raster, locate_request, tidy_cache
 
 logger = logging.getLogger(__name__)
 MENU = "&CDIKT"
@@ -48,6 +48,7 @@ class LocateController(QObject):
         dock.locate_requested.connect(self.locate)
         dock.cancel_requested.connect(self.cancel)
         dock.export_requested.connect(self.export)
+        dock.set_cache_text(tidy_cache(self.settings.cache_dir, None).text(self.settings.cache_max_bytes()))
 
     # -- messages ------------------------------------------------------------------------------
     def _push(self, text: str, level: Qgis.MessageLevel, duration: int = 8) -> None:
@@ -86,7 +87,8 @@ class LocateController(QObject):
         self.request += 1
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir = str(Path(self.settings.results_dir()) / f"{Path(photo).stem}-{stamp}-{self.request}")
-        task = LocateTask(self.request, locate_request(params, source, out_dir, self.settings), self._finished)
+        task = LocateTask(self.request, locate_request(params, source, out_dir, self.settings), self._finished,
+                          cache_max_bytes=self.settings.cache_max_bytes())
         task.progressed.connect(self._progress)
         self.task = task
         self.dock.set_running(True)
@@ -173,6 +175,7 @@ class LocateController(QObject):
             return
         self.last_result = result
         self.dock.show_result(result)
+        self.dock.set_cache_text(task.cache.text(self.settings.cache_max_bytes()))
         self.dock.set_result_available(True)
         self.dock.set_progress(1.0)
         best = result.candidates[0] if result.candidates else None

@@ -40,6 +40,7 @@ class CdiktSettings:
 
     DEFAULT_FOOTPRINT_M = 60.0
     DEFAULT_TOP_K = 5
+    DEFAULT_CACHE_MAX_GB = 20.0
 
     def __init__(self, store: QgsSettings | None = None) -> None:
         self._store = store if store is not None else QgsSettings()
@@ -133,6 +134,23 @@ class CdiktSettings:
         if int(value) < 1:
             raise ValueError(f"top-k must be at least 1, got {value}")
         self._store.setValue(PREFIX + "top_k", int(value))
+
+    # -- cache -------------------------------------------------------------------------------
+    @property
+    def cache_max_gb(self) -> float:
+        """Size the cache is pruned to after each Locate (least recently used indexes first); 0 = no limit."""
+        value = self._store.value(PREFIX + "cache_max_gb", self.DEFAULT_CACHE_MAX_GB, type=float)
+        return float(value) if value is not None and value >= 0 else self.DEFAULT_CACHE_MAX_GB
+
+    @cache_max_gb.setter
+    def cache_max_gb(self, value: float) -> None:
+        if not float(value) >= 0:
+            raise ValueError(f"The cache limit must be zero (no limit) or more, got {value}")
+        self._store.setValue(PREFIX + "cache_max_gb", float(value))
+
+    def cache_max_bytes(self) -> int | None:
+        gb = self.cache_max_gb
+        return int(gb * 2**30) if gb > 0 else None
 
 
 # -- model picker and rollback (adapted model versions) ---------------------------------------

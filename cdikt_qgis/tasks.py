@@ -98,13 +98,55 @@ def locate_request(params: LocateParams, source: RasterSource, out_dir: str, set
         verify=params.verify, prior_radius_m=params.prior_radius_m)
 
 
+@dataclass(frozen=True)
+class CacheState:
+    """The cache after a Locate: its size, and what the size limit freed (shown in the dock)."""
+
+    total_bytes: int | None = None
+    freed_bytes: int = 0
+    removed: int = 0
+
+    def text(self, limit_bytes: int | None) -> str:
+        if self.total_bytes is None:
+            return "unknown"
+        size = f"{self.total_bytes / 2**30:.1f} GB"
+        size += f" of {limit_bytes / 2**30:g} GB" if limit_bytes else " (no limit)"
+        if self.removed:
+            size += f"; {self.removed} old index{'es' if self.removed != 1 else ''} removed " \
+                    f"({self.freed_bytes / 2**30:.1f} GB)"
+        return size
+
+
+def tidy_cache(cache_dir: str | None, max_bytes: int | None) -> CacheState:
+    """Prune the cache to the user's limit (least recently used indexes; never the one just used, a
+    build in progress or a result a project may show) and measure it. A cache that cannot be tidied
+    must not fail the Locate that just succeeded: the reason goes to the log."""
+    from model_backend.core.errors import CdiktError
+    from model_backend.core.paths import default_cache_dir
+    from model_backend.core.space import folder_bytes
+
+    try:
+        removed = []
+        if max_bytes is not None:
+            from model_backend.index.cache import prune_cache  # imports torch: worker thread only
+
+            removed = prune_cache(cache_dir, max_bytes)
+        return CacheState(folder_bytes(cache_dir or default_cache_dir()), sum(e.bytes for e in removed), len(removed))
+    except (OSError, CdiktError) as exc:
+        log.warning("Could not tidy the cache: %s", exc)
+        return CacheState()
+
+
 class LocateTask(EngineTask):
     """Run one LocateRequest (the index is cached by the engine) on a worker thread (see EngineTask)."""
 
-    def __init__(self, request_id: int, request: Any, on_done: Callable[[LocateTask], None] | None = None) -> None:
+    def __init__(self, request_id: int, request: Any, on_done: Callable[[LocateTask], None] | None = None,
+                 cache_max_bytes: int | None = None) -> None:
         super().__init__(f"CDIKT: locating {Path(request.photo).name}", on_done)
         self.request_id = request_id
         self.request = request
+        self.cache_max_bytes = cache_max_bytes
+        self.cache = CacheState()
         self._start = time.perf_counter()
 
     def work(self) -> Any:
@@ -113,7 +155,9 @@ class LocateTask(EngineTask):
         self._start = time.perf_counter()
         os.makedirs(self.request.out_dir, exist_ok=True)
         self._progress(0.0, "Starting…")
-        return locate(self.request, progress=self._progress, cancel=self.isCanceled)
+        result = locate(self.request, progress=self._progress, cancel=self.isCanceled)
+        self.cache = tidy_cache(self.request.cache_dir, self.cache_max_bytes)
+        return result
 
     def done_message(self) -> str:
         return f"Done in {time.perf_counter() - self._start:.1f} s"

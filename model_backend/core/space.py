@@ -38,3 +38,18 @@ def no_space_error(folder: str | Path, need_bytes: int, what: str = "the results
     need = max(need_bytes + LOW_BYTES, 1 << 20)
     return InputError(f"Not enough space in {folder}: {what} need about {need / 2**20:.0f} MB, "
                       f"{free / 2**20:.0f} MB are free. {advice}")
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Size of the files under `folder` (0 when it does not exist): what a cache costs on disk.
+
+    Torch-free and cheap (one stat per file), so the plugin can show it on the main thread.
+    """
+    total = 0
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:  # removed meanwhile by another process
+            continue
+    return total

@@ -130,6 +130,20 @@ class ModelRegistry:
         """Whether the version's file still has the content it was recorded with (old entries: unknown, True)."""
         return not version.sha256 or sha256_file(version.path) == version.sha256
 
+    def check(self, path: str | Path | None) -> None:
+        """Refuse, in one line, a registered version whose file changed since it was recorded (a
+        damaged copy, or another file saved over it): it must not silently become the active model.
+        Files the registry does not know (or the embedded default) are not its to judge."""
+        version = self.by_path(path)
+        if version is None:
+            return
+        if not Path(version.path).is_file():
+            raise InputError(f"The model version {version.name or version.id} is gone ({version.path}); "
+                             "choose another one.")
+        if not self.verify(version):
+            raise InputError(f"The model version {version.name or version.id} has changed since it was recorded "
+                             f"({Path(version.path).name}: checksum differs); choose another one or adapt again.")
+
     def _write(self, entries: list[ModelVersion]) -> None:
         doc = {"format": 1, "versions": [v.to_dict() for v in entries]}
         try:

@@ -82,7 +82,8 @@ def test_a_killed_build_resumes_to_the_same_index(tmp_path: Path) -> None:
 
 def test_the_cache_is_listed_and_pruned_but_never_under_a_builder(tmp_path: Path) -> None:
     """`cache --list` shows indexes and partial builds; `--prune` removes old partial builds and the least
-    recently used indexes down to the limit, and keeps a folder whose builder holds its lock."""
+    recently used indexes down to the limit, and keeps a folder whose builder holds its lock and the most
+    recently used index."""
     import json
 
     from model_backend.core.locks import file_lock
@@ -105,12 +106,14 @@ def test_the_cache_is_listed_and_pruned_but_never_under_a_builder(tmp_path: Path
     kinds = sorted(e["kind"] for e in listed if "kind" in e)
     assert kinds.count("index") == 2 and "partial" in kinds and "results" in kinds
     assert listed[-1]["entries"] == len(listed) - 1
-    newest = indexes[-1]
-    with file_lock(newest / ".lock"):  # a builder at work on the newest
+    oldest, newest = indexes
+    with file_lock(oldest / ".lock"):  # a builder at work on the oldest
         proc = run_cli("cache", "--prune", "--max-gb", "0", cache=cache)
     assert proc.returncode == 0, proc.stderr
-    assert not partial.exists() and not indexes[0].exists()
-    assert newest.exists() and (newest / "manifest.json").is_file()
+    assert not partial.exists() and oldest.exists() and (oldest / "manifest.json").is_file()
+    assert run_cli("cache", "--prune", "--max-gb", "0", cache=cache).returncode == 0
+    assert not oldest.exists()
+    assert newest.exists() and (newest / "manifest.json").is_file()  # the one in use survives any limit
     assert result.exists()  # results may be layers of a saved project: removed only when asked
     assert run_cli("cache", "--prune", "--results", cache=cache).returncode == 0 and not result.exists()
 

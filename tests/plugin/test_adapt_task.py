@@ -117,6 +117,11 @@ def test_a_better_model_becomes_active_and_roll_back_restores_the_previous(iface
     panel.model_combo.setCurrentIndex(2)
     panel.model_combo.activated.emit(2)  # the picker chooses any version
     assert settings.weights_path == first.request.out
+    Path(second.request.out).write_bytes(b"saved over by something else")
+    panel.model_combo.setCurrentIndex(1)
+    panel.model_combo.activated.emit(1)  # a recorded version whose file changed is refused, in one line
+    assert settings.weights_path == first.request.out and panel.model_combo.currentData() == first.request.out
+    assert any("has changed since it was recorded" in text for _, text, _ in iface.messages())
 
     monkeypatch.setattr(model_backend.learn.adapt, "adapt", _fake_adapt(0.75, 0.25))
     worse = controller.adapt()

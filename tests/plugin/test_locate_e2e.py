@@ -7,6 +7,7 @@ with a photo rendered from the raster by the engine's own view simulator.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -83,11 +84,21 @@ def test_locate_adds_styled_layers_and_exports_geojson(plugin, iface, photo, tmp
     from model_backend.locate.export import geojson_problems
 
     dock = plugin.dock
+    stale = tmp_path / "cache" / "indexes" / "feedfacefeedfacefeedface"  # an index of last year's raster
+    stale.mkdir(parents=True)
+    (stale / "manifest.json").write_text('{"n_tiles": 1}')
+    (stale / "embeddings.npy").write_bytes(b"\0" * 4096)
+    for f in (stale / "embeddings.npy", stale / "manifest.json", stale):
+        os.utime(f, (1e9, 1e9))
+    plugin.controller.settings.cache_max_gb = 1e-6  # a limit only the index in use exceeds
     _fill(dock, photo["path"], top_k=4)
     task = _start(plugin)
     assert dock.cancel_button.isEnabled()
     assert wait_until(lambda: _done(task), 90), dock.status.text()
     assert task.outcome.succeeded, task.message + task.details
+    assert not stale.exists() and task.cache.removed == 1  # pruned to the limit after the Locate ...
+    assert Path(task.result.heatmap_path).is_file()  # ... keeping the index just used and the results
+    assert "1 old index removed" in dock.cache_label.text() and " GB of " in dock.cache_label.text()
 
     group = QgsProject.instance().layerTreeRoot().children()[0]
     assert group.name() == "view_0001.jpg"
