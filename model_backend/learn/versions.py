@@ -105,12 +105,13 @@ class ModelRegistry:
             raise InputError(f"Cannot register {p}: the file does not exist.")
         # Read, append and write under one lock: two processes adding at once both keep their version.
         with file_lock(self.folder / LOCK, timeout_s=LOCK_TIMEOUT_S, what="the model registry"):
-            parent = self.by_path(parent_path)
+            entries = self._read()
+            want = Path(parent_path).absolute() if parent_path else None
+            parent = next((v for v in entries if want is not None and Path(v.path).absolute() == want), None)
             version = ModelVersion(id=uuid.uuid4().hex[:12], path=str(p), parent=parent.id if parent else None,
                                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                    parent_path=str(Path(parent_path).absolute()) if parent_path else None,
                                    name=name or p.stem, figures=dict(figures or {}), sha256=sha256_file(p))
-            entries = self._read()
             entries.append(version)
             self._write(entries)
         return version
