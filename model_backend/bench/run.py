@@ -37,6 +37,7 @@ from model_backend.bench.localisation import synthetic_localisation
 from model_backend.bench.parts import FLOORS, QUICK_SKIPS, SCALE_PARTS, device_name, floors, peak_rss_mb, run_part
 from model_backend.bench.scale import mosaic_vrt
 from model_backend.core.config import ModelConfig, TilingConfig
+from model_backend.core.space import folder_bytes
 from model_backend.geo.exif import load_photo
 from model_backend.geo.raster import open_raster
 from model_backend.geo.reader import StripReader, compute_stretch
@@ -129,10 +130,6 @@ def paired_build(net: EmbeddingModel, vrt: Path, tiling: TilingConfig, cache: Pa
         indexing.uint8_embedder = real_uint8_embedder  # type: ignore[assignment]
         vars(net).pop("embed", None)
     return PairedBuild(idx, wall, e2e, ctl)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def bench_speed(net: EmbeddingModel, tmp: Path, quick: bool, say: Say) -> dict[str, Any]:

@@ -86,9 +86,11 @@ class StripReader:
         self.tile_px = self.cell_px * self.k
         self.stretch = stretch
         self._ds = rasterio.open(info.path)
-        # Only the columns the grid covers are read; the remainder (< one step) is never tiled.
-        self._col_px = round(grid.cell_cols * grid.step_x)
-        self._out_w = grid.cell_cols * self.cell_px
+        # Cell strips cover the regular columns; the edge-aligned last column and row (tiling.TileGrid)
+        # are read as windows of their own.
+        full_cells = grid.full_cols - 1 + self.k
+        self._col_px = min(round(full_cells * grid.step_x), info.width)
+        self._out_w = full_cells * self.cell_px
         upsample = grid.step_x < self.cell_px or grid.step_y < self.cell_px
         self._resampling = Resampling.bilinear if upsample else Resampling.average
         self._direct = stretch.is_identity and info.dtype == "uint8"
@@ -111,8 +113,11 @@ class StripReader:
         """
         y0 = round(j * self.grid.step_y)
         y1 = min(round((j + 1) * self.grid.step_y), self.info.height)
-        win = Window(0, y0, self._col_px, max(1, y1 - y0))
-        shape = (self.cell_px, self._out_w)
+        return self.read_window(Window(0, y0, self._col_px, max(1, y1 - y0)), (self.cell_px, self._out_w), out)
+
+    def read_window(self, win: Window, shape: tuple[int, int], out: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A window of the raster resampled to `shape`: RGB (3, *shape) uint8 and its valid mask (None: all valid)."""
         if out is None:
             out = np.empty((3, *shape), np.uint8)
         bands = list(self.info.rgb_bands)
@@ -133,15 +138,67 @@ class StripReader:
         np.copyto(out, FILL_RGB.reshape(3, 1, 1), where=~mask)
         return out, mask
 
-    def iter_rows(self, start_row: int = 0, stop_row: int | None = None, channels_first: bool = False
-                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """For each tile row: (row, tiles, valid fraction per tile).
+    def _edge_window(self, col: int | None, row: int) -> Window:
+        """Source window of the edge-aligned row (`row` = full_rows) and/or column (`col` = full_cols)."""
+        g = self.grid
+        x0, y0, w, h = g.window(g.full_cols if col is None else col, row)
+        y0 = min(round(y0), self.info.height - max(1, round(h)))
+        if col is None:  # the edge row: every regular column, as the cell strips span them
+            return Window(0, y0, self._col_px, max(1, round(h)))
+        x0 = min(round(x0), self.info.width - max(1, round(w)))
+        return Window(x0, y0, max(1, round(w)), max(1, round(h)))
 
-        tiles are (n_cols, S, S, 3) uint8, or (n_cols, 3, S, S) with `channels_first`: read-only
-        views of one band of k strips, never written again (a consumer may keep them).
+    def _slice(self, band: np.ndarray, masks: list[np.ndarray | None], channels_first: bool
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The regular tiles of a band (3, tile_px, W) and their valid fractions."""
+        n, cp = self.grid.full_cols, self.cell_px
+        tiles = np.lib.stride_tricks.sliding_window_view(band, (3, self.tile_px, self.tile_px))
+        tiles = tiles[0, 0, ::cp][:n]
+        if not channels_first:
+            tiles = tiles.transpose(0, 2, 3, 1)
+        if all(m is None for m in masks):
+            return tiles, np.ones(n, dtype=np.float32)
+        rows = band.shape[1] // len(masks)
+        mband = np.concatenate([np.ones((rows, band.shape[2]), bool) if m is None else m for m in masks])
+        col_valid = mband.mean(axis=0, dtype=np.float32)
+        csum = np.concatenate([[0.0], np.cumsum(col_valid)])
+        starts = np.arange(n) * cp
+        return tiles, ((csum[starts + self.tile_px] - csum[starts]) / self.tile_px).astype(np.float32)
+
+    def _edge_tile(self, row: int, channels_first: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The edge-aligned last tile of a row, as a batch of one, and its valid fraction."""
+        s = self.tile_px
+        rgb, mask = self.read_window(self._edge_window(self.grid.full_cols, row), (s, s))
+        tile = rgb[None] if channels_first else rgb.transpose(1, 2, 0)[None]
+        tile.flags.writeable = False  # as the strip views: a consumer may keep it
+        valid = 1.0 if mask is None else float(mask.mean())
+        return tile, np.array([valid], np.float32)
+
+    def iter_rows(self, start_row: int = 0, stop_row: int | None = None, channels_first: bool = False
+                  ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """For each tile row, once or twice: (row, first column, tiles, valid fraction per tile).
+
+        The regular columns come first (first column 0), then, where the grid has one, the
+        edge-aligned last column (first column `full_cols`, one tile). tiles are (n, S, S, 3) uint8,
+        or (n, 3, S, S) with `channels_first`: read-only views, never written again (a consumer
+        may keep them).
         """
         stop = self.grid.n_rows if stop_row is None else min(stop_row, self.grid.n_rows)
-        k, cp, n = self.k, self.cell_px, self.grid.n_cols
+        edge_col = self.grid.n_cols > self.grid.full_cols
+        for r, tiles, valid in self._regular_rows(start_row, min(stop, self.grid.full_rows), channels_first):
+            yield r, 0, tiles, valid
+            if edge_col:
+                yield (r, self.grid.full_cols, *self._edge_tile(r, channels_first))
+        if stop > self.grid.full_rows:  # the edge-aligned last row
+            r = self.grid.full_rows
+            band, mask = self.read_window(self._edge_window(None, r), (self.tile_px, self._out_w))
+            yield (r, 0, *self._slice(band, [mask], channels_first))
+            if edge_col:
+                yield (r, self.grid.full_cols, *self._edge_tile(r, channels_first))
+
+    def _regular_rows(self, start_row: int, stop: int, channels_first: bool
+                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        k, cp = self.k, self.cell_px
         strips: dict[int, np.ndarray] = {}
         masks: dict[int, np.ndarray | None] = {}
         for r in range(start_row, stop):
@@ -162,17 +219,4 @@ class StripReader:
                     else:
                         masks[j] = self.read_cell_row(j, part)[1]
                     strips[j] = part
-            tiles = np.lib.stride_tricks.sliding_window_view(band, (3, self.tile_px, self.tile_px))
-            tiles = tiles[0, 0, ::cp][:n]
-            if not channels_first:
-                tiles = tiles.transpose(0, 2, 3, 1)
-            row_masks = [masks[j] for j in range(r, r + k)]
-            if all(m is None for m in row_masks):
-                valid = np.ones(n, dtype=np.float32)
-            else:
-                mband = np.concatenate([np.ones((cp, self._out_w), bool) if m is None else m for m in row_masks])
-                col_valid = mband.mean(axis=0, dtype=np.float32)
-                csum = np.concatenate([[0.0], np.cumsum(col_valid)])
-                starts = np.arange(n) * cp
-                valid = ((csum[starts + self.tile_px] - csum[starts]) / self.tile_px).astype(np.float32)
-            yield r, tiles, valid
+            yield (r, *self._slice(band, [masks[j] for j in range(r, r + k)], channels_first))

@@ -5,6 +5,10 @@ so it is exact in any CRS and never resamples the raster to a new projection. Ti
 `stride` x footprint; the step is also the heatmap's cell size, which is why 1/stride must be a
 whole number: each tile then covers exactly k x k cells, and overlap-averaging needs no
 interpolation (and no padding that would shift the output, a bug seen in a peer plugin).
+
+The steps rarely end exactly at the raster's right and bottom edges: up to one step would never
+be searched (a photo taken there could not be found). So a last column and row are aligned to
+those edges; on the heatmap they are drawn in the next cells, less than one cell from their place.
 """
 
 from __future__ import annotations
@@ -59,14 +63,27 @@ class TileGrid:
         """Transform of the heatmap grid (one pixel per cell), aligned with the raster origin."""
         return self.affine * Affine.scale(self.step_x, self.step_y)
 
+    @property
+    def full_cols(self) -> int:
+        """Columns on the regular step; a last column beyond them (`n_cols` - `full_cols` = 1) is
+        aligned to the raster's right edge instead, so the strip the steps leave is searched too."""
+        return _steps(self.raster_width, self.tile_w, self.step_x)
+
+    @property
+    def full_rows(self) -> int:
+        return _steps(self.raster_height, self.tile_h, self.step_y)
+
     def window(self, col: int, row: int) -> tuple[float, float, float, float]:
         """Pixel window (x0, y0, width, height) of a tile, in source pixels."""
-        return col * self.step_x, row * self.step_y, self.tile_w, self.tile_h
+        return (min(col * self.step_x, self.raster_width - self.tile_w),
+                min(row * self.step_y, self.raster_height - self.tile_h), self.tile_w, self.tile_h)
 
     def centres(self, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tile centres in the raster's CRS."""
-        px = np.asarray(cols, dtype=np.float64) * self.step_x + self.tile_w / 2
-        py = np.asarray(rows, dtype=np.float64) * self.step_y + self.tile_h / 2
+        px = np.minimum(np.asarray(cols, dtype=np.float64) * self.step_x,
+                        self.raster_width - self.tile_w) + self.tile_w / 2
+        py = np.minimum(np.asarray(rows, dtype=np.float64) * self.step_y,
+                        self.raster_height - self.tile_h) + self.tile_h / 2
         a = self.affine
         return a.a * px + a.b * py + a.c, a.d * px + a.e * py + a.f
 
@@ -98,6 +115,22 @@ def cells_per_tile(stride: float) -> int:
     return k
 
 
+EDGE_MIN_STEP = 0.05
+"""A remainder past the last regular tile wider than this share of a step gets an edge-aligned tile."""
+
+
+def _steps(size: int, tile: float, step: float) -> int:
+    """Tiles that fit on the regular step from the origin."""
+    return int(math.floor((size - tile) / step + 1e-9)) + 1
+
+
+def _with_edge(size: int, tile: float, step: float) -> int:
+    """Regular tiles, plus one aligned to the far edge where they leave more than a sliver uncovered."""
+    n = _steps(size, tile, step)
+    rest = size - ((n - 1) * step + tile)
+    return n + 1 if rest > EDGE_MIN_STEP * step else n
+
+
 MIN_TILE_PX = 8
 """Fewer raster pixels across a tile than this and the tile holds nothing to match."""
 
@@ -120,8 +153,8 @@ def make_grid(info: RasterInfo, cfg: TilingConfig) -> TileGrid:
             f"{info.gsd_x_m:.2f} m resolution; use a larger --footprint-m."
         )
     step_x, step_y = tile_w / k, tile_h / k
-    n_cols = int(math.floor((info.width - tile_w) / step_x + 1e-9)) + 1
-    n_rows = int(math.floor((info.height - tile_h) / step_y + 1e-9)) + 1
+    n_cols = _with_edge(info.width, tile_w, step_x)
+    n_rows = _with_edge(info.height, tile_h, step_y)
     grid = TileGrid(
         crs_wkt=info.crs_wkt, transform=info.transform, raster_width=info.width,
         raster_height=info.height, tile_w=tile_w, tile_h=tile_h, step_x=step_x, step_y=step_y,

@@ -117,12 +117,12 @@ def tile_batches(reader: StripReader, model: EmbeddingModel, r0: int, r1: int, b
         images = buf[:count]
         return cols, rows, images if raw else model.normalise(images.transpose(0, 2, 3, 1))
 
-    for r, tiles, valid in reader.iter_rows(r0, r1, channels_first=True):
+    for r, c0, tiles, valid in reader.iter_rows(r0, r1, channels_first=True):
         keep = np.nonzero(valid >= min_valid)[0]
         while keep.size:
             take = keep[:batch_size - n]
             np.take(tiles, take, axis=0, out=buf[n:n + take.size], mode="clip")  # "raise" would buffer
-            pend_c.append(take.astype(np.int32))
+            pend_c.append((take + c0).astype(np.int32))
             pend_r.append(np.full(take.size, r, np.int32))
             n += take.size
             keep = keep[take.size:]

@@ -30,7 +30,7 @@ from model_backend.geo.tiling import TileGrid
 from model_backend.nn.weights import ModelMeta
 
 INDEX_FORMAT = 1
-READER_VERSION = 2  # bump when tile pixels change for the same raster/tiling/model
+READER_VERSION = 3  # bump when tile pixels change for the same raster/tiling/model
 CHECKED_FILES = ("embeddings.npy", "tiles.npy")
 LOCK_FILE = ".lock"
 """Held by the process building an index (index.build), so a second one waits and `cache --prune` skips it."""

@@ -67,22 +67,35 @@ def _valid_cells(raster_path: str, mtime_ns: int, size: int, grid: TileGrid) -> 
         if (ds.width, ds.height) != (grid.raster_width, grid.raster_height):
             raise ValueError(f"{raster_path} is {ds.width} x {ds.height} pixels but the tile grid was laid over "
                              f"{grid.raster_width} x {grid.raster_height}: not the searched raster")
-        # The heatmap ends at the last whole tile; float window sizes keep cells exactly on the grid.
-        window = Window(0, 0, min(grid.cell_cols * grid.step_x, ds.width),
-                        min(grid.cell_rows * grid.step_y, ds.height))
+        # Float window sizes keep cells exactly on the grid. The edge-aligned last tiles are drawn in
+        # cells that reach up to one cell past the raster: read boundless, the outside is invalid.
+        window = Window(0, 0, grid.cell_cols * grid.step_x, grid.cell_rows * grid.step_y)
+        boundless = window.width > ds.width + 1e-6 or window.height > ds.height + 1e-6
         if all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums):
-            return _non_black_share(ds, window, shape)
-        mask = dataset_mask(ds, window=window, out_shape=shape, resampling=Resampling.average)
-    share = mask.astype(np.float32) / 255.0
+            share = _non_black_share(ds, window, shape, boundless)
+        else:
+            mask = dataset_mask(ds, window=window, out_shape=shape, resampling=Resampling.average,
+                                boundless=boundless)
+            share = mask.astype(np.float32) / 255.0
+    if boundless:  # a cell that is partly past the edge is judged by its part inside the raster
+        inside = np.outer(_inside(grid.cell_rows, grid.step_y, grid.raster_height),
+                          _inside(grid.cell_cols, grid.step_x, grid.raster_width))
+        share = np.where(inside > 0, np.minimum(share / np.maximum(inside, 1e-6), 1.0), 0.0).astype(np.float32)
     share.flags.writeable = False  # shared by every caller through the cache
     return share
+
+
+def _inside(cells: int, step: float, size: int) -> np.ndarray:
+    """Share of each cell along one axis that lies inside the raster."""
+    return np.clip((size - np.arange(cells) * step) / step, 0.0, 1.0).astype(np.float32)
 
 
 SAMPLES_PER_CELL = 4
 """Samples per cell side when an undeclared black collar is measured (nearest-neighbour reads)."""
 
 
-def _non_black_share(ds: rasterio.io.DatasetReader, window: Window, shape: tuple[int, int]) -> np.ndarray:
+def _non_black_share(ds: rasterio.io.DatasetReader, window: Window, shape: tuple[int, int],
+                     boundless: bool = False) -> np.ndarray:
     """Share of each cell that is not exactly black in every band: the undeclared collar the tile
     reader also treats as outside coverage (reader.StripReader), measured on a sample grid."""
     k = SAMPLES_PER_CELL
@@ -90,11 +103,9 @@ def _non_black_share(ds: rasterio.io.DatasetReader, window: Window, shape: tuple
         k -= 1
     bands = list(range(1, min(ds.count, 3) + 1))
     data = ds.read(bands, window=window, out_shape=(len(bands), shape[0] * k, shape[1] * k),
-                   resampling=Resampling.nearest)
+                   resampling=Resampling.nearest, boundless=boundless, fill_value=0)
     valid = data.max(axis=0) > 0
-    share = valid.reshape(shape[0], k, shape[1], k).mean(axis=(1, 3)).astype(np.float32)
-    share.flags.writeable = False  # shared by every caller through the cache
-    return share
+    return valid.reshape(shape[0], k, shape[1], k).mean(axis=(1, 3)).astype(np.float32)
 
 
 def write_heatmap(path: str, scores: TileScores, raster_path: str | None = None) -> str:

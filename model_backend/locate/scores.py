@@ -119,8 +119,9 @@ class TileScores:
     def iou(self, col: int, row: int, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """IoU of tile (col, row) with each of the tiles (cols, rows), from their pixel windows."""
         g = self.grid
-        dx = np.abs(np.asarray(cols, dtype=np.float64) - col) * g.step_x
-        dy = np.abs(np.asarray(rows, dtype=np.float64) - row) * g.step_y
+        x_max, y_max = g.raster_width - g.tile_w, g.raster_height - g.tile_h  # edge-aligned last tiles
+        dx = np.abs(np.minimum(np.asarray(cols, dtype=np.float64) * g.step_x, x_max) - min(col * g.step_x, x_max))
+        dy = np.abs(np.minimum(np.asarray(rows, dtype=np.float64) * g.step_y, y_max) - min(row * g.step_y, y_max))
         inter = np.clip(g.tile_w - dx, 0, None) * np.clip(g.tile_h - dy, 0, None)
         area = g.tile_w * g.tile_h
         return inter / (2 * area - inter)

@@ -144,7 +144,7 @@ def test_nodata_outside_coverage(rasters, tmp_path):
 
 def test_overlap_average_by_hand_on_3x3_grid(rasters):
     info = open_raster(rasters["netherlands_28992"][0])
-    grid = make_grid(info, TilingConfig(footprint_m=110.0, stride=0.5))
+    grid = make_grid(info, TilingConfig(footprint_m=125.0, stride=0.5))  # 250 m: steps end at the edges
     assert (grid.n_cols, grid.n_rows, grid.cells_per_tile) == (3, 3, 2)
     cols, rows = all_tiles(grid)
     scores = (3 * rows + cols + 1).astype(float)  # tiles 1..9, row by row
@@ -186,7 +186,7 @@ def test_matches_brute_force_for_any_overlap(k):
 def test_bad_indexes_are_refused(rasters):
     grid = make_grid(open_raster(rasters["netherlands_28992"][0]), TilingConfig(footprint_m=110.0))
     with pytest.raises(ValueError, match="outside"):
-        heatmap_of(grid, np.array([3]), np.array([0]), np.array([1.0]))
+        heatmap_of(grid, np.array([grid.n_cols]), np.array([0]), np.array([1.0]))
     with pytest.raises(ValueError, match="differ"):
         heatmap_of(grid, np.array([0, 1]), np.array([0]), np.array([1.0]))
     with pytest.raises(ValueError, match="integer"):

@@ -8,6 +8,7 @@ import struct
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import rasterio
 from pyproj import CRS, Transformer
@@ -17,7 +18,7 @@ from model_backend.core.errors import Cancelled
 from model_backend.geo.exif import read_priors
 from model_backend.geo.raster import open_raster
 from model_backend.geo.tiling import make_grid
-from model_backend.learn.datasets.synth import make_views, render_view, save_view
+from model_backend.learn.datasets.synth import ViewSpec, make_views, render_view, save_view
 from model_backend.locate.heatmap import NODATA
 from model_backend.locate.pipeline import LocateResult, locate_photo
 
@@ -215,3 +216,34 @@ def test_progress_names_each_stage_and_counts_tiles(data_dir: Path, tmp_path: Pa
     assert tiles and tiles[-1].split()[2] == tiles[-1].split()[4]  # "Embedding tiles N of N" at the end
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_a_photo_of_the_bottom_right_corner_is_found_there(data_dir: Path, embedder, tmp_path: Path) -> None:
+    """The regular steps end up to one step short of the right and bottom edges; the edge-aligned last
+    column and row search that strip: a photo of the very corner is found at the corner, not a step away,
+    and the heatmap is drawn to the raster's edges."""
+    from PIL import Image
+
+    raster = str(data_dir / "netherlands_aerial_0.25m_epsg28992.tif")  # 250 m: steps of 30 m end 10 m short
+    info, fp = open_raster(raster), 60.0
+    grid = make_grid(info, TilingConfig(footprint_m=fp))
+    assert (grid.n_cols, grid.n_rows) == (grid.full_cols + 1, grid.full_rows + 1)
+    x1, y1 = info.affine * (info.width, info.height)
+    truth = (x1 - fp / 2, y1 + fp / 2)  # north-up: y grows northwards, the bottom edge is y1
+    view = render_view(raster, ViewSpec(cx=truth[0], cy=truth[1], footprint_m=fp * 4 / 3))
+    side = view.image.shape[0] * 3 // 4  # the centre fp x fp square of the 4:3 view
+    h, w = view.image.shape[:2]
+    square = view.image[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
+    photo = tmp_path / "corner.png"
+    Image.fromarray(square).save(photo)
+    res = locate_photo(raster, str(photo), str(tmp_path / "out"), query=QueryConfig(footprint_m=fp, top_k=3),
+                       cache_dir=str(tmp_path / "cache"), embedder=embedder, verify=False)
+    assert math.hypot(res.best.x - truth[0], res.best.y - truth[1]) < 5.0, (res.best.x - truth[0],
+                                                                             res.best.y - truth[1])
+    xs, ys = [p[0] for p in res.best.polygon], [p[1] for p in res.best.polygon]
+    assert max(xs) == pytest.approx(x1, abs=0.01) and min(ys) == pytest.approx(y1, abs=0.01)
+    with rasterio.open(res.heatmap_path) as hm:
+        data = hm.read(1, masked=True)
+        right, bottom = hm.transform * (hm.width, hm.height)
+    assert right >= x1 and bottom <= y1  # the heatmap reaches the raster's edges ...
+    assert data[-1, -1] is not np.ma.masked and data[-1, :].count() > 0 and data[:, -1].count() > 0  # ... with data

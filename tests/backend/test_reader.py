@@ -21,8 +21,8 @@ def _all_tiles(path: Path, footprint: float, size: int = 64):
     grid = make_grid(info, TilingConfig(footprint_m=footprint))
     with StripReader(info, grid, size, compute_stretch(info)) as rd:
         rows = list(rd.iter_rows())
-    tiles = np.concatenate([t for _, t, _ in rows])
-    valid = np.concatenate([v for _, _, v in rows])
+    tiles = np.concatenate([t for _, _, t, _ in rows])
+    valid = np.concatenate([v for _, _, _, v in rows])
     return info, grid, tiles, valid
 
 
@@ -88,9 +88,9 @@ def test_each_cell_row_is_read_once_with_bounded_windows(data_dir: Path, tmp_pat
             return real(j, out)
 
         rd.read_cell_row = counting  # type: ignore[method-assign]
-        n = sum(len(t) for _, t, _ in rd.iter_rows())
+        n = sum(len(t) for _, _, t, _ in rd.iter_rows())
     assert n == grid.n_tiles
-    assert sorted(reads) == list(range(grid.cell_rows))  # every strip once
+    assert sorted(reads) == list(range(grid.full_rows - 1 + grid.cells_per_tile))  # every strip once
     assert grid.step_y < info.height / 8  # so a strip is a small slice of the mosaic
 
 
@@ -119,8 +119,8 @@ def test_channels_first_tiles_and_uint8_batches_are_the_same_pixels(data_dir: Pa
     info, grid, hwc, valid = _all_tiles(path, 40)
     with StripReader(info, grid, 64, compute_stretch(info)) as rd:
         rows = list(rd.iter_rows(channels_first=True))
-        assert all(not t.flags.writeable for _, t, _ in rows)  # views of a strip, never written again
-        chw = np.concatenate([t for _, t, _ in rows])
+        assert all(not t.flags.writeable for _, _, t, _ in rows)  # views of a strip, never written again
+        chw = np.concatenate([t for _, _, t, _ in rows])
         assert chw.shape == (grid.n_tiles, 3, 64, 64)
         np.testing.assert_array_equal(chw, hwc.transpose(0, 3, 1, 2))
         batches = list(tile_batches(rd, None, 0, grid.n_rows, 7, 0.5, raw=True))  # type: ignore[arg-type]
@@ -130,3 +130,19 @@ def test_channels_first_tiles_and_uint8_batches_are_the_same_pixels(data_dir: Pa
     kept = np.nonzero(valid >= 0.5)[0]
     np.testing.assert_array_equal(rws * grid.n_cols + cols, kept)
     np.testing.assert_array_equal(np.concatenate([b for _, _, b in batches]), chw[kept])
+
+
+def test_the_edge_column_and_row_are_the_ground_of_their_windows(data_dir: Path) -> None:
+    """The edge-aligned last column and row are read as windows of their own: the same ground as a
+    direct read of the tile's window, in row-major order after the regular tiles of each row."""
+    path = data_dir / "netherlands_aerial_0.25m_epsg28992.tif"
+    info, grid, tiles, _ = _all_tiles(path, 60, size=128)
+    assert grid.n_cols == grid.full_cols + 1 and grid.n_rows == grid.full_rows + 1
+    assert tiles.shape[0] == grid.n_tiles
+    for c, r in ((grid.n_cols - 1, 2), (3, grid.n_rows - 1), (grid.n_cols - 1, grid.n_rows - 1)):
+        x0, y0, w, h = grid.window(c, r)
+        with rasterio.open(path) as ds:
+            ref = ds.read([1, 2, 3], window=Window(x0, y0, w, h), out_shape=(3, 128, 128),
+                          resampling=Resampling.average).transpose(1, 2, 0).astype(float)
+        got = tiles[r * grid.n_cols + c].astype(float)
+        assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.97, (c, r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pyproj import CRS
 from rasterio.crs import CRS as RioCRS
@@ -12,7 +13,7 @@ from rasterio.crs import CRS as RioCRS
 from model_backend.core.config import TilingConfig
 from model_backend.core.errors import InputError
 from model_backend.geo.raster import open_raster
-from model_backend.geo.tiling import make_grid
+from model_backend.geo.tiling import EDGE_MIN_STEP, make_grid
 
 from .conftest import CUSTOM_WKT, warp_to
 
@@ -87,3 +88,22 @@ def test_footprint_larger_than_raster_is_refused(data_dir: Path) -> None:
     info = open_raster(data_dir / "florida_neon_0.10m.tif")  # 40 m wide
     with pytest.raises(InputError, match="larger than the raster"):
         make_grid(info, TilingConfig(footprint_m=100))
+
+
+@pytest.mark.parametrize("footprint", [40.0, 55.0, 60.0, 125.0])
+def test_the_grid_reaches_the_right_and_bottom_edges(data_dir: Path, footprint: float) -> None:
+    """Regular steps from the origin, then one column and row aligned to the far edges where the steps
+    stop short: every pixel is in some tile, and no tile leaves the raster."""
+    info = open_raster(data_dir / "netherlands_aerial_0.25m_epsg28992.tif")
+    grid = make_grid(info, TilingConfig(footprint_m=footprint))
+    x0, y0, w, h = grid.window(grid.n_cols - 1, grid.n_rows - 1)
+    assert info.width - EDGE_MIN_STEP * grid.step_x <= x0 + w <= info.width + 1e-6  # at most a sliver left
+    assert info.height - EDGE_MIN_STEP * grid.step_y <= y0 + h <= info.height + 1e-6
+    assert grid.n_cols - grid.full_cols in (0, 1) and grid.n_rows - grid.full_rows in (0, 1)
+    for c in range(grid.full_cols):  # the regular columns are where they always were
+        assert grid.window(c, 0)[0] == pytest.approx(c * grid.step_x)
+    if grid.n_cols > grid.full_cols:  # the edge column overlaps the last regular one by more than a step
+        gap = grid.window(grid.n_cols - 1, 0)[0] - grid.window(grid.full_cols - 1, 0)[0]
+        assert 0 < gap < grid.step_x
+    cx, cy = grid.centres(np.array([grid.n_cols - 1]), np.array([grid.n_rows - 1]))
+    assert (cx[0], cy[0]) == pytest.approx(info.affine * (x0 + w / 2, y0 + h / 2))

@@ -155,7 +155,7 @@ def _stage(progress: ProgressFn | None, lo: float, hi: float) -> ProgressFn:
 
 def _check_cancel(cancel: CancelFn | None) -> None:
     if cancel and cancel():
-        raise Cancelled("Adaptation cancelled; nothing was written and the active model is unchanged.")
+        raise Cancelled(CANCELLED)
 
 
 def split_holdout(labels: list[ResolvedLabel], config: AdaptConfig) -> tuple[list[ResolvedLabel], list[ResolvedLabel]]:
@@ -264,6 +264,19 @@ def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = N
     recorded (None: not recorded). Raises InputError for unusable input (before any training),
     Cancelled when `cancel()` turns true (nothing written).
     """
+    try:
+        return _adapt(raster, labels, out, weights, config=config, photos=photos, cache_dir=cache_dir,
+                      registry=registry, threads=threads, progress=progress, cancel=cancel)
+    except Cancelled:  # also from an index build inside: what matters to the user is the model
+        raise Cancelled(CANCELLED) from None
+
+
+CANCELLED = "Adaptation cancelled; nothing was written and the active model is unchanged."
+
+
+def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *, config: AdaptConfig,
+           photos: list[str] | None, cache_dir: str | None, registry: ModelRegistry | None, threads: int | None,
+           progress: ProgressFn | None, cancel: CancelFn | None) -> AdaptResult:
     t0, c0 = time.perf_counter(), time.process_time()
     if progress:
         progress(0.0, "Checking the labelled pairs")
