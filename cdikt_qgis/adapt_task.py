@@ -200,8 +200,9 @@ class AdaptController(QObject):
             res = task.result
             before, after = res.before, res.after
             figure = (f"top-1 {100 * before.top1:.0f} % → {100 * after.top1:.0f} %, median rank "
-                      f"{before.median_rank:g} → {after.median_rank:g} on {after.n} held-out photos")
-            if after.better_or_equal(before):
+                      f"{before.median_rank:g} → {after.median_rank:g} on {after.n} labelled photos, each "
+                      "checked by a model that did not train on it")
+            if res.use:  # the engine's keep-or-reject decision (learn.adapt.crossfit), never a guess here
                 set_active_model(self.settings, res.out)
                 text = f"Adapted model is now active ({figure}; trained: {res.trained_part})."
                 level = Qgis.Success

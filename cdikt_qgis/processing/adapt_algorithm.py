@@ -18,6 +18,7 @@ from qgis.core import (
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingOutputBoolean,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterEnum,
@@ -38,6 +39,7 @@ LOOKS = (("auto", "Auto: drop colour if the labelled pairs match better without 
 OUTPUT = "OUTPUT"
 TOP1_BEFORE = "TOP1_BEFORE"
 TOP1_AFTER = "TOP1_AFTER"
+USE = "USE"
 MEDIAN_RANK_BEFORE = "MEDIAN_RANK_BEFORE"
 MEDIAN_RANK_AFTER = "MEDIAN_RANK_AFTER"
 VALIDATION = "VALIDATION"
@@ -108,6 +110,7 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
                           (MEDIAN_RANK_BEFORE, "Median rank before"), (MEDIAN_RANK_AFTER, "Median rank after")):
             self.addOutput(QgsProcessingOutputNumber(key, text))
         self.addOutput(QgsProcessingOutputString(VALIDATION, "Validation figures (JSON)"))
+        self.addOutput(QgsProcessingOutputBoolean(USE, "Use the adapted model (the keep-or-reject decision)"))
 
     def read_more_inputs(self, parameters: dict[str, Any], context: QgsProcessingContext) -> None:
         layer = self.parameterAsVectorLayer(parameters, LABELS, context)
@@ -141,7 +144,12 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
         feedback.pushInfo(f"Trained: {res.trained_part}, on {res.n_train} pairs; {len(res.held_out)} held out.")
         feedback.pushInfo(f"Before: top-1 {res.before.top1:.0%}, median rank {res.before.median_rank:g}; "
                           f"after: top-1 {res.after.top1:.0%}, median rank {res.after.median_rank:g}.")
-        feedback.pushInfo(json.dumps({"before": figures["before"], "after": figures["after"]}))
+        feedback.pushInfo(json.dumps({"before": figures["before"], "after": figures["after"],
+                                      "decision": figures["decision"]}))
+        verdict = ("Use it: better, pair by pair, on photos it did not train on." if res.use else
+                   "Keep the current model: the adapted one is not better by the margin on photos it did not "
+                   "train on (see the decision's ranks per pair).")
+        feedback.pushInfo(verdict)
         return {OUTPUT: res.out, TOP1_BEFORE: res.before.top1, TOP1_AFTER: res.after.top1,
                 MEDIAN_RANK_BEFORE: res.before.median_rank, MEDIAN_RANK_AFTER: res.after.median_rank,
-                VALIDATION: json.dumps(figures)}
+                VALIDATION: json.dumps(figures), USE: res.use}

@@ -112,6 +112,8 @@ def adapt_benchmark(*, case: str = "cross-year", seed: int = 0, n_train: int = 1
             "adapt_top5_before": round(res.before.top5, 4), "adapt_top5_after": round(res.after.top5, 4),
             "adapt_median_rank_before": res.before.median_rank, "adapt_median_rank_after": res.after.median_rank,
             "adapt_gain_points": round(gain, 1), "adapt_wall_s": round(wall, 1),
+            "adapt_use": res.use, "adapt_check_better_worse": [res.decision.better, res.decision.worse],
+            "adapt_harm_if_used": bool(res.use and res.after.top1 < res.before.top1),
             "adapt_cpu_s": round(res.cpu_seconds, 1), "adapt_trained_part": res.trained_part,
             "adapt_look": res.look.look, "adapt_look_scores": res.look.scores,
             "adapt_epochs": cfg.epochs, "adapt_floor_met": bool(gain >= FLOOR_POINTS and wall <= FLOOR_SECONDS),

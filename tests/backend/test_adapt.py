@@ -68,10 +68,11 @@ def test_holdout_split_is_seeded_and_keeps_both_sides(case: dict) -> None:
     a = info.affine
     bounds = (a.c, a.f + a.e * info.height, a.c + a.a * info.width, a.f)
     labels = resolve_labels(read_labels(case["labels"]), info.crs_wkt, bounds)
-    train, held = split_holdout(labels, AdaptConfig(seed=3))
+    assert split_holdout(labels, AdaptConfig())[1] == []  # by default every pair trains and is evidence
+    train, held = split_holdout(labels, AdaptConfig(seed=3, holdout=0.3))
     assert len(held) == round(0.3 * len(labels)) and len(train) + len(held) == len(labels)
-    assert [lb.index for lb in held] == [lb.index for lb in split_holdout(labels, AdaptConfig(seed=3))[1]]
-    assert len(split_holdout(labels[:2], AdaptConfig(holdout=0.9))[0]) == 1
+    assert [lb.index for lb in held] == [lb.index for lb in split_holdout(labels, AdaptConfig(seed=3, holdout=0.3))[1]]
+    assert len(split_holdout(labels[:3], AdaptConfig(holdout=0.9))[0]) == 2  # two stay to train and cross-fit
     with pytest.raises(InputError, match="at least 2 labelled pairs"):
         split_holdout(labels[:1], AdaptConfig())
 
@@ -92,7 +93,14 @@ def test_adaptation_improves_the_held_out_figure_and_writes_a_new_version(case: 
     (version,) = registry.versions()
     assert version.path == str(out) and version.parent is None and version.figures["after"]["top1"] == res.after.top1
     assert version.parent_path == str(IMAGENET)
-    assert json.loads(res.json_line())["before"]["ranks"] == list(ranks_before)
+    line = json.loads(res.json_line())
+    assert line["before"]["ranks"] == list(ranks_before)
+    # The keep-or-reject decision: each of the 8 training pairs ranked before and by a model that did not
+    # train on it (cross-fitted), the rule applied to those ranks, its answer in the JSON.
+    d = res.decision
+    assert len(d.before) == len(d.after) == 8 and d.folds == 5 and line["decision"]["pairs"][0]["photo"]
+    assert line["use"] == d.use == (sum(r == 1 for r in d.after) > sum(r == 1 for r in d.before)
+                                    and d.better > d.worse)
     from model_backend.nn.embedder import EmbeddingModel
 
     net = EmbeddingModel.load(str(out), "cpu", runtime="torch")  # the engine loads the adapted model
@@ -169,11 +177,50 @@ def test_cli_adapt_prints_before_and_after(case: dict, tmp_path: Path, cache_dir
                "--epochs", "1", "--cache-dir", str(cache_dir), "--look", "luminance"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(doc["before"]) >= {"top1", "median_rank", "ranks"} and doc["after"]["n"] == 1
-    assert doc["n_train"] == 3 and Path(doc["out"]).is_file()
+    assert set(doc["before"]) >= {"top1", "median_rank", "ranks"} and doc["after"]["n"] == 4  # every pair checked
+    assert doc["n_train"] == 4 and doc["n_holdout"] == 0 and Path(doc["out"]).is_file()
+    assert isinstance(doc["use"], bool) and doc["use"] == doc["decision"]["use"]
+    assert [p["rank_after"] for p in doc["decision"]["pairs"]] == doc["after"]["ranks"]
     assert doc["look"] == "luminance" and "luminance only" in doc["trained_part"]
     from model_backend.learn.adapt import load_trainable
     from model_backend.learn.adapt.look import sees_luminance
 
     assert sees_luminance(load_trainable(doc["out"]))  # the written model ignores colour
     assert ModelRegistry().versions()[0].path == doc["out"]  # recorded in $CDIKT_DATA_DIR
+
+
+def test_labels_that_teach_nothing_are_not_recommended(case: dict, tmp_path: Path, cache_dir: Path) -> None:
+    """Every photo labelled at another photo's place: training on those pairs cannot help a photo it did
+    not see find its (wrong) label, so the cross-fitted check must not recommend the model."""
+    ls = read_labels(case["labels"])
+    shuffled = [replace(lb, ring=ls.labels[(i + 3) % 8].ring) for i, lb in enumerate(ls.labels[:8])]
+    labels = replace(ls, labels=shuffled)
+    res = adapt(case["map"], labels, str(tmp_path / "wrong.safetensors"), str(IMAGENET),
+                config=replace(SMALL, holdout_count=0), cache_dir=str(cache_dir))
+    assert not res.use and not json.loads(res.json_line())["use"], res.decision.to_dict()
+    assert res.after.n == 8  # without pairs kept out, the figures are the check's own
+
+
+def test_a_fold_removes_every_view_of_its_pairs() -> None:
+    import torch
+
+    from model_backend.learn.adapt.crossfit import Decision, fold_of
+    from model_backend.learn.adapt.train import AdaptViews
+
+    pairs, per = 4, 3
+    idx = np.arange(pairs * per).reshape(pairs, per)
+    drone = torch.arange(pairs * per + 2, dtype=torch.float32)[:, None]  # 2 unlabelled photo views at the end
+    sat = torch.arange(pairs * per + 5, dtype=torch.float32)[:, None]  # 5 unlabelled tile views
+    views = AdaptViews(None, drone, sat, idx, idx.copy(), np.r_[np.repeat(np.arange(pairs), per), [-1, -1]],
+                       np.r_[np.repeat(np.arange(pairs), per), [-1] * 5])  # type: ignore[arg-type]
+    fold = views.without([1])
+    assert fold.pair_drone.shape == (3, per) and len(fold.drone) == len(drone) - per and len(fold.sat) == len(sat) - per
+    assert set(fold.drone_locations.tolist()) == {0, 1, 2, -1} and set(fold.sat_locations.tolist()) == {0, 1, 2, -1}
+    # pair 2 of the original is pair 1 of the fold, with its own views
+    assert fold.drone[fold.pair_drone[1]].flatten().tolist() == drone[idx[2]].flatten().tolist()
+    assert (fold.drone_locations[fold.pair_drone[1]] == 1).all()
+    f = fold_of(10, 0)
+    assert sorted(np.bincount(f).tolist()) == [2, 2, 2, 2, 2] and (fold_of(10, 0) == f).all()
+    assert Decision(["a", "b", "c"], [2, 1, 5], [1, 1, 3], 3, 100).use
+    assert not Decision(["a", "b", "c"], [2, 1, 5], [1, 2, 3], 3, 100).use  # as many at #1: keep the current
+    assert not Decision(["a", "b", "c", "d"], [2, 3, 4, 1], [1, 9, 9, 1], 3, 100).use  # more pairs got worse

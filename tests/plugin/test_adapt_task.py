@@ -82,7 +82,8 @@ def _fake_adapt(before_top1: float, after_top1: float):
         before = ValidationFigure([1] * round(before_top1 * n) + [9] * (n - round(before_top1 * n)), 50)
         after = ValidationFigure([1] * round(after_top1 * n) + [9] * (n - round(after_top1 * n)), 50)
         registry.add(out, weights, {"after": after.to_dict()})
-        return SimpleNamespace(out=out, before=before, after=after, trained_part="the last block")
+        return SimpleNamespace(out=out, before=before, after=after, trained_part="the last block",
+                               use=after.top1 > before.top1)
 
     return fake
 

@@ -341,8 +341,11 @@ def test_adapt_writes_a_new_registered_model_and_reports_before_and_after(provid
     assert written == out.with_suffix(".safetensors") and written.is_file() and written.stat().st_size > 1e6
     figures = json.loads(res["VALIDATION"])
     assert figures["n_train"] + figures["n_holdout"] == 6 and figures["epochs"] == 1
-    assert res["TOP1_BEFORE"] == figures["before"]["top1"] and res["TOP1_AFTER"] == figures["after"]["top1"]
+    assert res["TOP1_BEFORE"] == pytest.approx(figures["before"]["top1"], abs=1e-4)
+    assert res["TOP1_AFTER"] == pytest.approx(figures["after"]["top1"], abs=1e-4)
     assert res["MEDIAN_RANK_AFTER"] == figures["after"]["median_rank"]
+    assert res["USE"] is figures["use"] and len(figures["decision"]["pairs"]) == figures["n_train"]
+    assert any(line.startswith(("Use it", "Keep the current model")) for line in log.lines)
     assert any(line.startswith("Before: top-1") for line in log.lines)
     assert any("Trained: MobileNetV2" in line and "luminance only" in line for line in log.lines)
     assert figures["look"] == "luminance"  # the Colour parameter reached the engine

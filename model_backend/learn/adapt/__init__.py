@@ -2,17 +2,19 @@
 
 When photos and map differ strongly (another year, season or sensor), the generic model ranks the
 true place low. The analyst labels a few photos on the map; `adapt` then
-1. holds out some labelled pairs (seeded) and measures where the *current* model ranks their true
-   location among the raster's tiles, with the production query path (index, rotation search,
-   candidates) — the "before" figure;
-2. fine-tunes from the current model: CDIS (symmetric InfoNCE, `CDISLoss`) on the remaining pairs
-   (photo ↔ raster crop at its footprint, or at a part of it) and on unlabelled tiles dressed in the
-   photos' colours, and CDTS (`make_pseudo_labels` + `CDTSMemory`, dual path, the labelled pairs as
-   fixed anchors) on unlabelled raster tiles and on unlabelled photos if any, while an anchor term
-   keeps the tiles' embeddings near where they were (see adapt_train); on CPU only a light part is
-   trained (see `adapt_data.split_backbone`), everything below it runs once per view;
-3. writes a NEW weights file (never overwriting one), re-indexes the raster with it and measures
-   the same held-out pairs again — the "after" figure — and records the version in the registry.
+1. ranks every labelled pair's true place among the raster's tiles with the *current* model, through
+   the production query path (index, rotation search, distinct candidates);
+2. fine-tunes from the current model: CDIS (symmetric InfoNCE, `CDISLoss`) on the pairs (photo ↔
+   raster crop at its footprint, or at a part of it) and on unlabelled tiles dressed in the photos'
+   colours, and CDTS (`make_pseudo_labels` + `CDTSMemory`, dual path, the labelled pairs as fixed
+   anchors) on unlabelled raster tiles and photos, while an anchor term keeps the tiles' embeddings
+   near where they were (see adapt_train); on CPU only a light part is trained (see
+   `adapt_data.split_backbone`), everything below it runs once per view;
+3. decides keep-or-reject by cross-fitting (`crossfit`): each pair is ranked again by a model
+   trained without it, and the new model is to be used only when, pair by pair, it is better by a
+   margin; the evidence (ranks before and after per pair) goes into the result and the registry;
+4. writes a NEW weights file (never overwriting one), trained on all the pairs, and records it.
+   Pairs kept out on request (`holdout`, benchmarks) are measured before and after on the written model.
 Cancelling at any point writes nothing: the model in use stays what it was.
 """
 
@@ -37,6 +39,7 @@ from model_backend.geo.exif import load_photo, read_priors
 from model_backend.geo.geodesy import ground_distance_m
 from model_backend.geo.raster import open_raster
 from model_backend.index.build import CancelFn, ProgressFn, build_index
+from model_backend.learn.adapt.crossfit import Decision, cross_fit
 from model_backend.learn.adapt.data import ViewAugment
 from model_backend.learn.adapt.look import LOOKS, LookChoice, choose_look, fold_luminance, sees_luminance
 from model_backend.learn.adapt.train import TrainConfig, build_views, sample_tile_centres, train_head
@@ -56,8 +59,10 @@ class AdaptConfig:
     """Everything that decides an adaptation run; recorded in the result and the registry."""
 
     epochs: int = 6
-    holdout: float = 0.3
-    """Share of the labelled pairs kept out of training to measure the model (at least 1, at most all but 1)."""
+    holdout: float = 0.0
+    """Share of the labelled pairs kept out of everything, to measure the written model on photos neither it
+    nor the keep-or-reject check saw (benchmarks); at most all but 2. The decision itself is cross-fitted
+    over the other pairs (`crossfit`), so by default every label trains and every label is evidence."""
     holdout_count: int | None = None
     """Exact number held out instead of `holdout` (benchmarks)."""
     seed: int = 0
@@ -128,13 +133,21 @@ class AdaptResult:
     version_id: str | None = None
     log: list[dict[str, float]] = field(default_factory=list)
 
+    decision: Decision | None = None
+
+    @property
+    def use(self) -> bool:
+        """Whether the new model should replace the one it was adapted from (`crossfit.Decision.use`)."""
+        return self.decision.use if self.decision is not None else False
+
     @property
     def improved(self) -> bool:
-        return self.after.better_or_equal(self.before) and (self.after.top1, -self.after.median_rank) != \
-            (self.before.top1, -self.before.median_rank)
+        """The same answer as `use` (the name older scripts read)."""
+        return self.use
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "parent_weights": self.parent_weights, "version": self.version_id,
+                "use": self.use, "decision": self.decision.to_dict() if self.decision else None,
                 "before": self.before.to_dict(), "after": self.after.to_dict(), "improved": self.improved,
                 "trained_part": self.trained_part, "look": self.look.look, "look_scores": self.look.scores,
                 "n_train": self.n_train, "n_holdout": len(self.held_out),
@@ -159,13 +172,13 @@ def _check_cancel(cancel: CancelFn | None) -> None:
 
 
 def split_holdout(labels: list[ResolvedLabel], config: AdaptConfig) -> tuple[list[ResolvedLabel], list[ResolvedLabel]]:
-    """(train, held out), drawn with the config's seed; needs at least two labels."""
+    """(train, held out), drawn with the config's seed; needs at least two labels, and keeps two to train."""
     n = len(labels)
     if n < 2:
-        raise InputError(f"Adaptation needs at least 2 labelled pairs (one to train on, one to check it); "
-                         f"there {'is' if n == 1 else 'are'} {n}. Label more photos.")
+        raise InputError("Adaptation needs at least 2 labelled pairs (each is checked by a model trained on the "
+                         f"others); there {'is' if n == 1 else 'are'} {n}. Label more photos.")
     k = config.holdout_count if config.holdout_count is not None else round(n * config.holdout)
-    k = min(max(int(k), 1), n - 1)
+    k = min(max(int(k), 0), n - 2)  # two pairs at least stay to train and cross-fit the decision
     order = np.random.default_rng(config.seed).permutation(n)
     held = sorted(order[:k].tolist())
     return [labels[i] for i in range(n) if i not in held], [labels[i] for i in held]
@@ -299,40 +312,56 @@ def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *
     _check_cancel(cancel)
     before_net = EmbeddingModel.load(weights, "cpu", threads, config.runtime)
     _check_cancel(cancel)
-    before, _ = validation_figure(raster, held, before_net, tiling, config, cache_dir=cache_dir, cancel=cancel,
-                                  progress=_stage(progress, 0.0, 0.2))
-    log.info("Before adaptation: %s", before.to_dict())
+    before_index = build_index(raster, tiling, cache_dir=cache_dir, embedder=before_net, cancel=cancel,
+                               progress=_stage(progress, 0.0, 0.12))
+    before_queries = [photo_queries(before_net, load_photo(str(lb.photo)), read_priors(str(lb.photo)).yaw_deg,
+                                    config.rotations) for lb in train]
+    if held:
+        before, _ = validation_figure(raster, held, before_net, tiling, config, cache_dir=cache_dir, cancel=cancel,
+                                      progress=_stage(progress, 0.12, 0.15))
+        log.info("Before adaptation, on %d pairs kept out: %s", len(held), before.to_dict())
 
     model = load_trainable(weights).eval()
     look = _apply_look(model, raster, train, config, info.crs_wkt)
     _check_cancel(cancel)
     views = build_views(model, raster, train, photos or [], config.train, config.augment, config.seed,
-                        before_net, progress=_stage(progress, 0.2, 0.45), cancel=cancel)
+                        before_net, progress=_stage(progress, 0.15, 0.35), cancel=cancel)
+    decision = cross_fit(views, model, raster, train, before_index, before_queries, config.train, config.epochs,
+                         config.seed, config.rotations, config.max_rank, progress=_stage(progress, 0.35, 0.75),
+                         cancel=cancel)
+    log.info("Keep-or-reject check: %s", decision.to_dict())
     history = train_head(views, model, config.train, config.epochs, config.seed,
-                         progress=_stage(progress, 0.45, 0.8), cancel=cancel)
+                         progress=_stage(progress, 0.75, 0.85), cancel=cancel)
     _check_cancel(cancel)
 
     with atomic_path(out_path) as tmp:  # published only when measured, not cancelled, and still new
         save_inference_weights(model, tmp)
-        after_net = EmbeddingModel.load(str(tmp), "cpu", threads, config.runtime)
-        after, index_dir = validation_figure(raster, held, after_net, tiling, config, cache_dir=cache_dir,
-                                             cancel=cancel, progress=_stage(progress, 0.8, 1.0))
+        index_dir = ""
+        if held:
+            after_net = EmbeddingModel.load(str(tmp), "cpu", threads, config.runtime)
+            after, index_dir = validation_figure(raster, held, after_net, tiling, config, cache_dir=cache_dir,
+                                                 cancel=cancel, progress=_stage(progress, 0.85, 1.0))
+            log.info("After adaptation, on %d pairs kept out: %s", len(held), after.to_dict())
+        else:  # the figures are the check's: each pair ranked by a model that did not train on it
+            before = ValidationFigure(decision.before, config.max_rank)
+            after = ValidationFigure(decision.after, config.max_rank)
         _check_cancel(cancel)
         if out_path.exists():
             raise InputError(f"{out_path} appeared while adapting; adaptation never overwrites a model.")
-    log.info("After adaptation: %s", after.to_dict())
     result = AdaptResult(
         out=str(out_path), parent_weights=str(Path(weights).absolute()) if weights else None, before=before,
         after=after, trained_part=f"{views.trained_part}; {look.describe()}", n_train=len(train),
         held_out=[lb.photo.name for lb in held],
         footprint_m=footprint, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
-        index_dir=index_dir, config=config, look=look, log=history)
+        index_dir=index_dir, config=config, look=look, log=history, decision=decision)
     if registry is not None:
-        kept = ("before", "after", "trained_part", "look", "n_train", "n_holdout", "footprint_m", "epochs", "seed")
+        kept = ("before", "after", "use", "decision", "trained_part", "look", "n_train", "n_holdout", "footprint_m",
+                "epochs", "seed")
         figures = {k: v for k, v in result.to_dict().items() if k in kept}
         figures["raster"] = Path(raster).name
         result.version_id = registry.add(out_path, result.parent_weights, figures).id
     if progress:
+        verdict = "use it" if decision.use else "keep the current model"
         progress(1.0, f"Adapted: top-1 {100 * before.top1:.0f} % → {100 * after.top1:.0f} % on {after.n} "
-                      f"held-out photos")
+                      f"photos it did not train on; {verdict}")
     return result

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -114,6 +114,29 @@ class AdaptViews:
     @property
     def trained_part(self) -> str:
         return self.split.description
+
+    def without(self, pairs: list[int]) -> AdaptViews:
+        """The views with those labelled pairs' photo and raster views removed (a cross-fitting fold:
+        nothing of them may reach training, not even as a location id in CDTS)."""
+        gone = set(pairs)
+        kept = [i for i in range(len(self.pair_drone)) if i not in gone]
+        new_id = {old: new for new, old in enumerate(kept)}
+
+        def rows(locations: np.ndarray) -> np.ndarray:
+            return np.flatnonzero(~np.isin(locations, list(gone)))
+
+        def remap(locations: np.ndarray, keep: np.ndarray) -> np.ndarray:
+            return np.array([new_id.get(int(v), -1) if v >= 0 else -1 for v in locations[keep]], np.int64)
+
+        d_keep, s_keep = rows(self.drone_locations), rows(self.sat_locations)
+        d_pos = np.full(len(self.drone_locations), -1)
+        d_pos[d_keep] = np.arange(d_keep.size)
+        s_pos = np.full(len(self.sat_locations), -1)
+        s_pos[s_keep] = np.arange(s_keep.size)
+        return replace(self, drone=self.drone[torch.as_tensor(d_keep)], sat=self.sat[torch.as_tensor(s_keep)],
+                       pair_drone=d_pos[self.pair_drone[kept]], pair_sat=s_pos[self.pair_sat[kept]],
+                       drone_locations=remap(self.drone_locations, d_keep),
+                       sat_locations=remap(self.sat_locations, s_keep))
 
 
 def sample_tile_centres(raster: str, footprint_m: float, n: int, rng: np.random.Generator) -> list[tuple[float, float]]:
