@@ -73,17 +73,20 @@ class TileGrid:
     def full_rows(self) -> int:
         return _steps(self.raster_height, self.tile_h, self.step_y)
 
+    def origins(self, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-left pixel corners of tiles: on the regular step, the edge-aligned last ones at the edges."""
+        return (np.minimum(np.asarray(cols, dtype=np.float64) * self.step_x, self.raster_width - self.tile_w),
+                np.minimum(np.asarray(rows, dtype=np.float64) * self.step_y, self.raster_height - self.tile_h))
+
     def window(self, col: int, row: int) -> tuple[float, float, float, float]:
         """Pixel window (x0, y0, width, height) of a tile, in source pixels."""
-        return (min(col * self.step_x, self.raster_width - self.tile_w),
-                min(row * self.step_y, self.raster_height - self.tile_h), self.tile_w, self.tile_h)
+        x0, y0 = self.origins(np.array(col), np.array(row))
+        return float(x0), float(y0), self.tile_w, self.tile_h
 
     def centres(self, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tile centres in the raster's CRS."""
-        px = np.minimum(np.asarray(cols, dtype=np.float64) * self.step_x,
-                        self.raster_width - self.tile_w) + self.tile_w / 2
-        py = np.minimum(np.asarray(rows, dtype=np.float64) * self.step_y,
-                        self.raster_height - self.tile_h) + self.tile_h / 2
+        px, py = self.origins(cols, rows)
+        px, py = px + self.tile_w / 2, py + self.tile_h / 2
         a = self.affine
         return a.a * px + a.b * py + a.c, a.d * px + a.e * py + a.f
 

@@ -83,10 +83,7 @@ class ModelRegistry:
         return next((v for v in self._read() if v.id == version_id), None)
 
     def by_path(self, path: str | Path | None) -> ModelVersion | None:
-        if not path:
-            return None
-        want = Path(path).absolute()
-        return next((v for v in self._read() if Path(v.path).absolute() == want), None)
+        return _find(self._read(), path)
 
     def new_path(self, stem: str = "adapted") -> Path:
         """A fresh, unused weights path inside the registry folder."""
@@ -106,8 +103,7 @@ class ModelRegistry:
         # Read, append and write under one lock: two processes adding at once both keep their version.
         with file_lock(self.folder / LOCK, timeout_s=LOCK_TIMEOUT_S, what="the model registry"):
             entries = self._read()
-            want = Path(parent_path).absolute() if parent_path else None
-            parent = next((v for v in entries if want is not None and Path(v.path).absolute() == want), None)
+            parent = _find(entries, parent_path)
             version = ModelVersion(id=uuid.uuid4().hex[:12], path=str(p), parent=parent.id if parent else None,
                                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                    parent_path=str(Path(parent_path).absolute()) if parent_path else None,
@@ -159,3 +155,11 @@ class ModelRegistry:
         if v is None:
             return None
         return v.parent_path
+
+
+def _find(entries: list[ModelVersion], path: str | Path | None) -> ModelVersion | None:
+    """The version whose weights file is `path` (compared as absolute paths), or None."""
+    if not path:
+        return None
+    want = Path(path).absolute()
+    return next((v for v in entries if Path(v.path).absolute() == want), None)

@@ -46,12 +46,17 @@ def rotation_crops(photo: np.ndarray, rotations: int, size: int) -> np.ndarray:
     return out
 
 
-def photo_queries(model: EmbeddingModel, photo: np.ndarray, yaw_deg: float | None, rotations: int) -> np.ndarray:
+def query_crops(photo: np.ndarray, yaw_deg: float | None, rotations: int, size: int) -> np.ndarray:
     """The query policy, in one place: a photo whose EXIF gives its heading is turned north-up and
-    embedded once; any other is embedded at `rotations` headings (the best heading wins per tile)."""
+    cropped once; any other at `rotations` headings (the best heading wins per tile). (R, S, S, 3) uint8."""
     if yaw_deg is not None:
-        return embed_photo(model, north_up(photo, yaw_deg), 1)
-    return embed_photo(model, photo, rotations)
+        return rotation_crops(north_up(photo, yaw_deg), 1, size)
+    return rotation_crops(photo, max(1, rotations), size)
+
+
+def photo_queries(model: EmbeddingModel, photo: np.ndarray, yaw_deg: float | None, rotations: int) -> np.ndarray:
+    """(R, D) unit vectors of the photo as `query_crops` turns it."""
+    return model.embed(model.normalise(query_crops(photo, yaw_deg, rotations, model.meta.input_size)))
 
 
 def embed_photo(model: EmbeddingModel, photo: np.ndarray, rotations: int) -> np.ndarray:

@@ -119,9 +119,9 @@ class TileScores:
     def iou(self, col: int, row: int, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """IoU of tile (col, row) with each of the tiles (cols, rows), from their pixel windows."""
         g = self.grid
-        x_max, y_max = g.raster_width - g.tile_w, g.raster_height - g.tile_h  # edge-aligned last tiles
-        dx = np.abs(np.minimum(np.asarray(cols, dtype=np.float64) * g.step_x, x_max) - min(col * g.step_x, x_max))
-        dy = np.abs(np.minimum(np.asarray(rows, dtype=np.float64) * g.step_y, y_max) - min(row * g.step_y, y_max))
+        x0, y0 = g.origins(np.array(col), np.array(row))  # edge-aligned last tiles sit at their true place
+        xs, ys = g.origins(cols, rows)
+        dx, dy = np.abs(xs - x0), np.abs(ys - y0)
         inter = np.clip(g.tile_w - dx, 0, None) * np.clip(g.tile_h - dy, 0, None)
         area = g.tile_w * g.tile_h
         return inter / (2 * area - inter)

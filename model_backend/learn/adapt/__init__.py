@@ -32,21 +32,19 @@ import numpy as np
 import torch
 
 from model_backend.core.atomic import atomic_path
-from model_backend.core.config import QueryConfig, TilingConfig
+from model_backend.core.config import TilingConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.core.requests import AdaptRequest
 from model_backend.geo.exif import load_photo, read_priors
-from model_backend.geo.geodesy import ground_distance_m
 from model_backend.geo.raster import open_raster
 from model_backend.index.build import CancelFn, ProgressFn, build_index
-from model_backend.learn.adapt.crossfit import Decision, cross_fit
+from model_backend.learn.adapt.crossfit import Decision, cross_fit, true_rank
 from model_backend.learn.adapt.data import ViewAugment
 from model_backend.learn.adapt.look import LOOKS, LookChoice, choose_look, fold_luminance, sees_luminance
 from model_backend.learn.adapt.train import TrainConfig, build_views, sample_tile_centres, train_head
 from model_backend.learn.labels import LabelSet, ResolvedLabel, read_labels, resolve_labels
 from model_backend.learn.versions import ModelRegistry
-from model_backend.locate.candidates import select_candidates
-from model_backend.locate.query import photo_queries, score_tiles
+from model_backend.locate.query import photo_queries, query_crops, score_tiles
 from model_backend.nn.cdiktnet import CDIKTNet, save_inference_weights
 from model_backend.nn.embedder import EmbeddingModel
 from model_backend.nn.weights import default_weights_path, read_weights
@@ -200,14 +198,7 @@ def validation_figure(raster: str, labels: list[ResolvedLabel], net: EmbeddingMo
         _check_cancel(cancel)
         image = load_photo(str(lb.photo))
         q = photo_queries(net, image, read_priors(str(lb.photo)).yaw_deg, config.rotations)
-        cands = select_candidates(score_tiles(idx, q), config.max_rank, QueryConfig().nms_iou)
-        if cands:
-            d = ground_distance_m(idx.grid.crs_wkt, np.array([c.x for c in cands]), np.array([c.y for c in cands]),
-                                  np.full(len(cands), lb.cx), np.full(len(cands), lb.cy))
-            hit = np.flatnonzero(d <= lb.side_m)
-            ranks.append(int(hit[0]) + 1 if hit.size else config.max_rank + 1)
-        else:
-            ranks.append(config.max_rank + 1)
+        ranks.append(true_rank(score_tiles(idx, q), lb, config.max_rank))
         if progress:
             progress(0.8 + 0.2 * (i + 1) / len(labels), f"Checked {i + 1} of {len(labels)} held-out photos")
     return ValidationFigure(ranks, config.max_rank), str(idx.folder)
@@ -314,8 +305,9 @@ def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *
     _check_cancel(cancel)
     before_index = build_index(raster, tiling, cache_dir=cache_dir, embedder=before_net, cancel=cancel,
                                progress=_stage(progress, 0.0, 0.12))
-    before_queries = [photo_queries(before_net, load_photo(str(lb.photo)), read_priors(str(lb.photo)).yaw_deg,
-                                    config.rotations) for lb in train]
+    crops = [query_crops(load_photo(str(lb.photo)), read_priors(str(lb.photo)).yaw_deg, config.rotations,
+                         before_net.meta.input_size) for lb in train]  # decoded once: the check reuses them
+    before_queries = [before_net.embed(before_net.normalise(c)) for c in crops]
     if held:
         before, _ = validation_figure(raster, held, before_net, tiling, config, cache_dir=cache_dir, cancel=cancel,
                                       progress=_stage(progress, 0.12, 0.15))
@@ -326,8 +318,8 @@ def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *
     _check_cancel(cancel)
     views = build_views(model, raster, train, photos or [], config.train, config.augment, config.seed,
                         before_net, progress=_stage(progress, 0.15, 0.35), cancel=cancel)
-    decision = cross_fit(views, model, raster, train, before_index, before_queries, config.train, config.epochs,
-                         config.seed, config.rotations, config.max_rank, progress=_stage(progress, 0.35, 0.75),
+    decision = cross_fit(views, model, raster, train, before_index, before_queries, crops, config.train,
+                         config.epochs, config.seed, config.max_rank, progress=_stage(progress, 0.35, 0.75),
                          cancel=cancel)
     log.info("Keep-or-reject check: %s", decision.to_dict())
     history = train_head(views, model, config.train, config.epochs, config.seed,

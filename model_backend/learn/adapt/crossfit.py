@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from model_backend.core.config import QueryConfig
 from model_backend.core.errors import Cancelled
-from model_backend.geo.exif import load_photo, read_priors
 from model_backend.geo.geodesy import ground_distance_m
 from model_backend.geo.reader import StripReader, compute_stretch
 from model_backend.geo.tiling import TileGrid
@@ -35,10 +34,9 @@ from model_backend.index.store import TileIndex
 from model_backend.learn.adapt.train import AdaptViews, TrainConfig, train_head
 from model_backend.learn.labels import ResolvedLabel
 from model_backend.locate.candidates import select_candidates
-from model_backend.locate.priors import north_up
-from model_backend.locate.query import rotation_crops
 from model_backend.locate.scores import TileScores
 from model_backend.nn.cdiktnet import CDIKTNet
+from model_backend.nn.runtime import scale_shift
 
 MAX_TILES = 6000
 """Tiles the folds rank against; beyond it a seeded sample (trunk maps cost ~31 KB each in fp16)."""
@@ -107,18 +105,23 @@ def _tile_subset(idx: TileIndex, labels: list[ResolvedLabel], seed: int) -> np.n
     return np.sort(np.concatenate([np.flatnonzero(near), take]))
 
 
-def _rank(grid: TileGrid, cols: np.ndarray, rows: np.ndarray, tile_emb: np.ndarray, queries: np.ndarray,
-          lb: ResolvedLabel, max_rank: int) -> int:
-    """Where the label's true place comes among the distinct candidates (the production NMS), 1 = first."""
-    sims = queries.astype(np.float32) @ tile_emb.astype(np.float32).T
-    scores = TileScores(grid, cols, rows, sims.max(axis=0), sims.argmax(axis=0))
+def true_rank(scores: TileScores, lb: ResolvedLabel, max_rank: int) -> int:
+    """Where the label's true place comes among the distinct candidates (the production NMS), 1 = first:
+    the first candidate whose centre lies within one footprint of the label's; max_rank + 1 if none."""
     cands = select_candidates(scores, max_rank, QueryConfig().nms_iou)
     if not cands:
         return max_rank + 1
-    d = ground_distance_m(grid.crs_wkt, np.array([c.x for c in cands]), np.array([c.y for c in cands]),
+    d = ground_distance_m(scores.grid.crs_wkt, np.array([c.x for c in cands]), np.array([c.y for c in cands]),
                           np.full(len(cands), lb.cx), np.full(len(cands), lb.cy))
     hit = np.flatnonzero(d <= lb.side_m)
     return int(hit[0]) + 1 if hit.size else max_rank + 1
+
+
+def _rank(grid: TileGrid, cols: np.ndarray, rows: np.ndarray, tile_emb: np.ndarray, queries: np.ndarray,
+          lb: ResolvedLabel, max_rank: int) -> int:
+    """`true_rank` against a set of tiles given by their embeddings (the check's sample)."""
+    sims = queries.astype(np.float32) @ tile_emb.astype(np.float32).T
+    return true_rank(TileScores(grid, cols, rows, sims.max(axis=0), sims.argmax(axis=0)), lb, max_rank)
 
 
 @torch.no_grad()
@@ -145,21 +148,16 @@ def _tile_maps(views: AdaptViews, model: CDIKTNet, raster: str, idx: TileIndex, 
 
 
 @torch.no_grad()
-def _photo_maps(views: AdaptViews, model: CDIKTNet, lb: ResolvedLabel, rotations: int) -> torch.Tensor:
-    """Trunk maps of the photo as `locate` queries it: north-up once with an EXIF heading, else at each heading."""
-    image = load_photo(str(lb.photo))
-    yaw = read_priors(str(lb.photo)).yaw_deg
-    crops = rotation_crops(north_up(image, yaw), 1, model.input_size) if yaw is not None else \
-        rotation_crops(image, max(1, rotations), model.input_size)
+def _photo_maps(views: AdaptViews, model: CDIKTNet, crops: np.ndarray) -> torch.Tensor:
+    """Trunk maps of a photo's query crops (`locate.query.query_crops`, (R, S, S, 3) uint8)."""
     return views.split.trunk(_normalised(model, torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2))
                              ).half()
 
 
 def _normalised(model: CDIKTNet, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) uint8 → the backbone's normalised float input, as the index's embedder feeds it."""
-    mean = torch.tensor(model.backbone.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(model.backbone.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    scale, shift = (torch.from_numpy(v).view(1, 3, 1, 1) for v in scale_shift(model.backbone.mean, model.backbone.std))
+    return images.float() * scale + shift
 
 
 @torch.no_grad()
@@ -169,13 +167,13 @@ def _embed(views: AdaptViews, maps: torch.Tensor, batch: int = 256) -> np.ndarra
 
 
 def cross_fit(views: AdaptViews, model: CDIKTNet, raster: str, labels: list[ResolvedLabel], before_index: TileIndex,
-              before_queries: list[np.ndarray], cfg: TrainConfig, epochs: int, seed: int, rotations: int,
+              before_queries: list[np.ndarray], crops: list[np.ndarray], cfg: TrainConfig, epochs: int, seed: int,
               max_rank: int, *, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Decision:
     """Rank every labelled pair under the current model and under a head trained without its fold.
 
     `views` and `model` are the prepared views and the (look-folded, untrained-head) model; both are
     left as they came. `before_index` / `before_queries`: the current model's index of the raster and
-    each label's query embeddings.
+    each label's query embeddings; `crops`: each label's query crops (`query_crops`), which made them.
     """
     keep = _tile_subset(before_index, labels, seed)
     grid, cols, rows = before_index.grid, before_index.cols[keep], before_index.rows[keep]
@@ -184,7 +182,7 @@ def cross_fit(views: AdaptViews, model: CDIKTNet, raster: str, labels: list[Reso
     if progress:
         progress(0.05, f"Reading {len(keep)} tiles for the check")
     tiles = _tile_maps(views, model, raster, before_index, keep, cancel)
-    photos = [_photo_maps(views, model, lb, rotations) for lb in labels]
+    photos = [_photo_maps(views, model, c) for c in crops]
     folds = fold_of(len(labels), seed)
     start = copy.deepcopy(views.split.trained.state_dict())
     start_scale = model.logit_scale.detach().clone()
