@@ -47,8 +47,6 @@ from .tasks import LocateParams
 PHOTO_FILTER = "Images (*.jpg *.jpeg *.JPG *.JPEG *.png *.PNG *.tif *.tiff *.TIF *.TIFF);;All files (*)"
 THUMB = QSize(280, 180)
 _PLACEHOLDER_STYLE = "QLabel { color: palette(mid); border: 1px dashed palette(mid); }"
-FOOTPRINT_SOURCES = {"user": "typed", "exif": "from EXIF", "scale search": "scale search"}
-"""How the engine's footprint_source reads in the dock."""
 HEARTBEAT_MS = 500
 QUIET_S = 1.0
 """A stage quiet for longer than this shows its elapsed time, so the dock visibly moves every second."""
@@ -140,7 +138,19 @@ class LocateDock(ProgressStatus, QDockWidget):
             "Estimate the footprint from the photo's EXIF (altitude, focal length); without EXIF, try "
             "several sizes around the value on the left."
         )
+        self.tolerance_spin = QSpinBox(body)
+        self.tolerance_spin.setRange(0, 100)
+        self.tolerance_spin.setSingleStep(5)
+        self.tolerance_spin.setPrefix("± ")
+        self.tolerance_spin.setSuffix(" %")
+        self.tolerance_spin.setValue(round(self.settings.footprint_tolerance_pct))
+        self.tolerance_spin.setToolTip(
+            "How far the footprint (typed, or from EXIF) may be off: sizes this much smaller and larger are "
+            "searched too, and the one that matches best is used (shown under Used). 0: exactly this size. "
+            "Each size is indexed once per raster."
+        )
         fp_row.addWidget(self.footprint_spin, 1)
+        fp_row.addWidget(self.tolerance_spin)
         fp_row.addWidget(self.footprint_auto)
         form.addRow("Footprint", fp_row)
         self.footprint_used = QLabel("", body)
@@ -271,6 +281,7 @@ class LocateDock(ProgressStatus, QDockWidget):
             top_k=int(self.top_k_spin.value()),
             verify=None if self.verify_check.isChecked() else False,
             prior_radius_m=float(self.gps_radius_spin.value()) or None,
+            tolerance_pct=float(self.tolerance_spin.value()),
         )
 
     def _emit_locate(self) -> None:
@@ -295,9 +306,7 @@ class LocateDock(ProgressStatus, QDockWidget):
     def show_result(self, result: Any) -> None:
         """The footprint used and the ranked candidates of a finished Locate."""
         self._result_photo = str(getattr(result, "photo", "") or "")
-        fp = getattr(result, "footprint_m", None)
-        source = FOOTPRINT_SOURCES.get(getattr(result, "footprint_source", ""), "")
-        self.footprint_used.setText(f"{fp:g} m ({source})" if fp and source else (f"{fp:g} m" if fp else ""))
+        self.footprint_used.setText(result.footprint_note() if getattr(result, "footprint_m", None) else "")
         cands = list(getattr(result, "candidates", []) or [])
         table = self.candidates_table
         table.setRowCount(len(cands))

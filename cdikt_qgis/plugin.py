@@ -101,6 +101,7 @@ class LocateController(QObject):
         """The dock opens with the last footprint / top-k used: analysts work in series of photos."""
         self.settings.default_footprint_m = params.footprint_m
         self.settings.footprint_from_exif = params.footprint_auto
+        self.settings.footprint_tolerance_pct = params.tolerance_pct
         self.settings.top_k = params.top_k
 
     def cancel(self) -> None:
@@ -186,7 +187,7 @@ class LocateController(QObject):
                       f"heading {best.heading_deg:.0f}°, {100 * best.gsd_m:.1f} cm/px)")
         elif best is not None and getattr(best, "verified", None) is False:
             where += "; not verified: showing the best tile"
-        used = f"footprint {result.footprint_m:g} m ({result.footprint_source})" if result.footprint_m else ""
+        used = f"footprint {result.footprint_note()}" if result.footprint_m else ""
         self.dock.set_status(f"{len(result.candidates)} candidates, {where}; {used}; {task.message}.")
         gps = getattr(result, "extra", {}) or {}
         if gps.get("gps_disagrees"):

@@ -40,6 +40,8 @@ class CdiktSettings:
 
     DEFAULT_FOOTPRINT_M = 60.0
     DEFAULT_TOP_K = 5
+    DEFAULT_TOLERANCE_PCT = 30.0
+    """QueryConfig.footprint_tolerance in percent (tests/plugin/test_settings_log.py keeps them equal)."""
     DEFAULT_CACHE_MAX_GB = 20.0
 
     def __init__(self, store: QgsSettings | None = None) -> None:
@@ -123,6 +125,18 @@ class CdiktSettings:
     @footprint_from_exif.setter
     def footprint_from_exif(self, value: bool) -> None:
         self._store.setValue(PREFIX + "footprint_from_exif", bool(value))
+
+    @property
+    def footprint_tolerance_pct(self) -> float:
+        """How far (%) a typed or EXIF footprint may be off: the sizes around it searched too (0 to 100)."""
+        value = self._store.value(PREFIX + "footprint_tolerance_pct", self.DEFAULT_TOLERANCE_PCT, type=float)
+        return float(value) if value is not None and 0.0 <= value <= 100.0 else self.DEFAULT_TOLERANCE_PCT
+
+    @footprint_tolerance_pct.setter
+    def footprint_tolerance_pct(self, value: float) -> None:
+        if not 0.0 <= value <= 100.0:
+            raise ValueError(f"Footprint tolerance must be from 0 to 100 %, got {value}")
+        self._store.setValue(PREFIX + "footprint_tolerance_pct", float(value))
 
     @property
     def top_k(self) -> int:

@@ -45,6 +45,8 @@ class LocateParams:
     verify: bool | None = None
     """None = verify when the photo looks down enough (the engine decides); False = never."""
     prior_radius_m: float | None = None
+    tolerance_pct: float = 30.0
+    """How far (%) the typed or EXIF footprint may be off (QueryConfig.footprint_tolerance x 100)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def locate_request(params: LocateParams, source: RasterSource, out_dir: str, set
 
     return LocateRequest(
         source.path, params.photo, out_dir, tiling=TilingConfig(footprint_m=float(params.footprint_m)),
-        query=QueryConfig(top_k=int(params.top_k), footprint_m=None if params.footprint_auto else params.footprint_m),
+        query=QueryConfig(top_k=int(params.top_k), footprint_m=None if params.footprint_auto else params.footprint_m,
+                          footprint_tolerance=float(params.tolerance_pct) / 100.0),
         model=ModelConfig(weights=settings.weights_path), cache_dir=settings.cache_dir,
         verify=params.verify, prior_radius_m=params.prior_radius_m)
 
@@ -117,9 +120,9 @@ class CacheState:
         return size
 
 
-def tidy_cache(cache_dir: str | None, max_bytes: int | None) -> CacheState:
-    """Prune the cache to the user's limit (least recently used indexes; never the one just used, a
-    build in progress or a result a project may show) and measure it. A cache that cannot be tidied
+def tidy_cache(cache_dir: str | None, max_bytes: int | None, keep: tuple[str, ...] = ()) -> CacheState:
+    """Prune the cache to the user's limit (least recently used indexes; never those just used (`keep`),
+    a build in progress or a result a project may show) and measure it. A cache that cannot be tidied
     must not fail the Locate that just succeeded: the reason goes to the log."""
     from model_backend.core.errors import CdiktError
     from model_backend.core.paths import default_cache_dir
@@ -130,7 +133,7 @@ def tidy_cache(cache_dir: str | None, max_bytes: int | None) -> CacheState:
         if max_bytes is not None:
             from model_backend.index.cache import prune_cache  # imports torch: worker thread only
 
-            removed = prune_cache(cache_dir, max_bytes)
+            removed = prune_cache(cache_dir, max_bytes, keep=keep)
         return CacheState(folder_bytes(cache_dir or default_cache_dir()), sum(e.bytes for e in removed), len(removed))
     except (OSError, CdiktError) as exc:
         log.warning("Could not tidy the cache: %s", exc)
@@ -156,7 +159,7 @@ class LocateTask(EngineTask):
         os.makedirs(self.request.out_dir, exist_ok=True)
         self._progress(0.0, "Starting…")
         result = locate(self.request, progress=self._progress, cancel=self.isCanceled)
-        self.cache = tidy_cache(self.request.cache_dir, self.cache_max_bytes)
+        self.cache = tidy_cache(self.request.cache_dir, self.cache_max_bytes, keep=tuple(result.index_dirs))
         return result
 
     def done_message(self) -> str:

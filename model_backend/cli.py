@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--footprint-m", type=float,
                    help="ground size of the photo's short side in metres (default: EXIF, else a scale search)")
+    p.add_argument("--footprint-tolerance", type=float, default=QueryConfig.footprint_tolerance,
+                   help="how far the footprint given (or EXIF's) may be off, as a fraction: the sizes /(1+t), x1 "
+                        "and x(1+t) are searched and the best is used (default %(default)s; 0: the given size only)")
     p.add_argument("--top-k", type=int, default=QueryConfig.top_k)
     p.add_argument("--rotations", type=int, default=QueryConfig.rotations,
                    help="headings tried for photos of unknown heading")
@@ -320,6 +323,8 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
     # Everything checkable without the model (and without importing torch) fails first, in a second.
     if args.footprint_m is not None and args.footprint_m <= 0:
         raise_user(f"--footprint-m must be positive, got {args.footprint_m}.")
+    if not 0.0 <= args.footprint_tolerance <= 1.0:  # also refuses nan
+        raise_user(f"--footprint-tolerance must be from 0 to 1 (e.g. 0.3 for ±30 %), got {args.footprint_tolerance}.")
     if args.prior_radius_m is not None and not args.prior_radius_m > 0:
         raise_user(f"--prior-radius-m must be a positive number of metres, got {args.prior_radius_m}.")
     info = open_raster(args.raster)
@@ -348,7 +353,8 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
 
     net = EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
     base = LocateRequest(args.raster, "", args.out, tiling=tiling, model=model, cache_dir=args.cache_dir,
-                         query=QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m),
+                         query=QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m,
+                                           footprint_tolerance=args.footprint_tolerance),
                          verify=args.verify, prior_radius_m=args.prior_radius_m)
     for photo, name in zip(photos, output_names(photos)):  # two DJI_0001.JPG of two flights: two sets
         try:

@@ -43,6 +43,7 @@ from .postprocess import HeatmapStyler, MatchesStyler
 
 PHOTOS = "PHOTOS"
 FROM_EXIF = "FOOTPRINT_FROM_EXIF"
+TOLERANCE = "FOOTPRINT_TOLERANCE"
 VERIFY = "VERIFY"
 NEAR_GPS = "NEAR_GPS_M"
 TOP_K = "TOP_K"
@@ -127,7 +128,9 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
             "(every .jpg/.png/.tif directly inside it).</p>"
             "<p><b>Photo footprint</b>: the ground size (m) of a photo's short side; it is also the tile size. "
             "With <b>Use EXIF footprint</b> ticked, a photo's EXIF (altitude, focal length) sets it when present, "
-            "else 0.6x, 1x and 1.6x the footprint are tried. <b>Number of candidates</b>: distinct places kept "
+            "else 0.6x, 1x and 1.6x the footprint are tried. <b>Footprint tolerance</b> (%): how far the footprint "
+            "given or read from EXIF may be off; the sizes /(1+t), x1 and x(1+t) are searched and the best is "
+            "used and reported (0: exactly the size given). <b>Number of candidates</b>: distinct places kept "
             "per photo. <b>Headings</b> (advanced): rotations tried for photos of unknown heading. "
             "<b>Verify footprints</b>: local features turn the best tiles into the photo's real footprint, with "
             "a confidence and heading (skipped for oblique photos). <b>Near GPS</b>: only tiles this close to "
@@ -148,6 +151,10 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
         self.addParameter(QgsProcessingParameterBoolean(
             FROM_EXIF, "Use EXIF footprint when the photo has one (else try 0.6x / 1x / 1.6x)",
             defaultValue=CdiktSettings().footprint_from_exif))  # as the dock's "Auto" footprint box
+        self.addParameter(QgsProcessingParameterNumber(
+            TOLERANCE, "Footprint tolerance (%): sizes this far around the footprint are searched too",
+            QgsProcessingParameterNumber.Double, defaultValue=CdiktSettings().footprint_tolerance_pct,
+            minValue=0.0, maxValue=100.0))
         self.addParameter(QgsProcessingParameterNumber(
             TOP_K, "Number of candidates per photo", QgsProcessingParameterNumber.Integer,
             defaultValue=CdiktSettings.DEFAULT_TOP_K, minValue=1, maxValue=100))
@@ -206,7 +213,8 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
         query = QueryConfig(top_k=self.parameterAsInt(parameters, TOP_K, context),
                             rotations=self.parameterAsInt(parameters, ROTATIONS, context),
                             footprint_m=None if self.parameterAsBoolean(parameters, FROM_EXIF, context)
-                            else inputs.footprint_m)
+                            else inputs.footprint_m,
+                            footprint_tolerance=self.parameterAsDouble(parameters, TOLERANCE, context) / 100.0)
         base = LocateRequest(  # the dock and the CLI build the same request; only photo and folder vary here
             inputs.source.path, "", root, tiling=inputs.tiling(), query=query, model=inputs.model(),
             cache_dir=inputs.cache_dir,
@@ -233,7 +241,7 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
             heatmaps.append((res.heatmap_path, name))
             best = res.best
             feedback.pushInfo(f"{name}: best at lat {best.lat:.6f}, lon {best.lon:.6f} (score {best.score:.3f}, "
-                              f"footprint {res.footprint_m:g} m from {res.footprint_source}) in {res.seconds:.1f} s")
+                              f"footprint {res.footprint_note()}) in {res.seconds:.1f} s")
         if not heatmaps:
             raise QgsProcessingException(failures[0] if failures else "No photo was located.")
         self._load_on_completion(context, dest_id, heatmaps)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from model_backend.core.config import QueryConfig, TilingConfig
+from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
 from model_backend.geo.geodesy import ground_distance_m
-from model_backend.index.build import build_index
+from model_backend.geo.raster import open_raster
 from model_backend.learn.datasets.synth import make_views
 from model_backend.locate.candidates import select_candidates
-from model_backend.locate.query import embed_photo, score_tiles
+from model_backend.locate.pipeline import around, search_footprints
+from model_backend.locate.query import embed_photo
 from model_backend.nn.embedder import EmbeddingModel
 
 
@@ -32,32 +33,52 @@ class LocalisationReport:
     hit5: float
     median_error_m: float
     errors_m: list[float] = field(default_factory=list)
+    given_m: float | None = None
+    """The footprint the search was given (None: the true one); hits are still judged at the true one."""
+    chosen_m: list[float] = field(default_factory=list)
+    """The footprint the search chose for each view."""
 
     def to_dict(self) -> dict:
-        return {"raster": Path(self.raster).name, "n": self.n, "footprint_m": self.footprint_m,
-                "top1": round(self.hit1, 4), "top5": round(self.hit5, 4),
-                "median_error_m": round(self.median_error_m, 2)}
+        out = {"raster": Path(self.raster).name, "n": self.n, "footprint_m": self.footprint_m,
+               "top1": round(self.hit1, 4), "top5": round(self.hit5, 4),
+               "median_error_m": round(self.median_error_m, 2)}
+        if self.given_m is not None:
+            out.update(given_m=round(self.given_m, 2),
+                       chosen_m_median=round(float(np.median(self.chosen_m)), 2) if self.chosen_m else None)
+        return out
 
 
 def synthetic_localisation(raster: str, n_views: int, footprint_m: float, seed: int, *,
                            embedder: EmbeddingModel, cache_dir: str | None = None,
-                           query: QueryConfig = QueryConfig(), **view_kw) -> LocalisationReport:
-    idx = build_index(raster, TilingConfig(footprint_m=footprint_m), cache_dir=cache_dir, embedder=embedder)
+                           query: QueryConfig = QueryConfig(), map_raster: str | None = None,
+                           given_factor: float | None = None, **view_kw) -> LocalisationReport:
+    """Views of `raster` at `footprint_m` located on `map_raster` (default: the same raster) through the
+    production footprint search (`locate.pipeline`: the sizes around the given one that
+    `query.footprint_tolerance` allows). `given_factor`: the footprint given is the true one times this
+    (a wrong guess); None gives the true one."""
+    map_path = map_raster or raster
+    info = open_raster(map_path)
+    given = footprint_m * (given_factor or 1.0)
+    sizes = around(round(given, 2), query.footprint_tolerance, info)
     views = make_views(raster, n_views, footprint_m, seed, **view_kw)
-    crs = idx.grid.crs_wkt
     hit1 = hit5 = 0
-    errors = []
+    errors: list[float] = []
+    chosen: list[float] = []
     for v in views:
         q = embed_photo(embedder, v.image, query.rotations)
-        cands = select_candidates(score_tiles(idx, q), 5, query.nms_iou)
+        found = search_footprints(map_path, sizes, q, tiling=TilingConfig(footprint_m=given), model=ModelConfig(),
+                                  embedder=embedder, cache_dir=cache_dir)
+        cands = select_candidates(found.scores, 5, query.nms_iou)
         xs = np.array([c.x for c in cands])
         ys = np.array([c.y for c in cands])
-        d = ground_distance_m(crs, xs, ys, np.full_like(xs, v.spec.cx), np.full_like(ys, v.spec.cy))
+        d = ground_distance_m(info.crs_wkt, xs, ys, np.full_like(xs, v.spec.cx), np.full_like(ys, v.spec.cy))
         errors.append(float(d[0]))
+        chosen.append(found.footprint_m)
         hit1 += bool(d[0] <= footprint_m)
         hit5 += bool((d <= footprint_m).any())
     n = len(views)
-    return LocalisationReport(raster, n, footprint_m, hit1 / n, hit5 / n, float(np.median(errors)), errors)
+    return LocalisationReport(raster, n, footprint_m, hit1 / n, hit5 / n, float(np.median(errors)), errors,
+                              given_m=None if given_factor is None else given, chosen_m=chosen)
 
 
 # ---------------------------------------------------------------- geometric verification

@@ -247,6 +247,11 @@ FLOORS: dict[str, Floor] = {
     "ann_recall_at_10": Floor("ann_recall_at_10", ">=", 0.99, "compressed index vs exact search"),
     "ann_bytes_per_1e6_tiles": Floor("ann_bytes_per_1e6_tiles", "<=", None,
                                      "compressed index memory per 10^6 tiles: reported, no number set"),
+    "footprint_synth_ratio": Floor("footprint_synth_ratio", ">=", 0.9,
+                                   "semi-synthetic top-1, footprint given x0.75 / x1.3 (worst) vs the true one"),
+    "footprint_cross_year_ratio": Floor("footprint_cross_year_ratio", ">=", 0.9,
+                                        "cross-year top-1 with the footprint given x0.75 / x1.3 (worst) vs the true "
+                                        "one (low top-1: mostly noise, see footprint_cross_year's intervals)"),
     "adapt_gain_points": Floor("adapt_gain_points", ">=", 15.0,
                                "top-1 points gained by adaptation, cross-year photos, seed 0"),
     "adapt_wall_s": Floor("adapt_wall_s", "<=", 300.0, "adaptation wall time, cross-year photos, seconds"),

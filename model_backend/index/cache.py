@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,12 @@ def list_cache(cache_dir: str | Path | None = None) -> list[CacheEntry]:
 
 
 def prune_cache(cache_dir: str | Path | None = None, max_bytes: int | None = None,
-                older_than_days: float = 7.0, dry_run: bool = False, results: bool = False) -> list[CacheEntry]:
+                older_than_days: float = 7.0, dry_run: bool = False, results: bool = False,
+                keep: Iterable[str | Path] = ()) -> list[CacheEntry]:
     """Remove partial builds and temp leftovers older than `older_than_days`, then the least recently
     used finished indexes until the cache is at most `max_bytes` (None: no size limit), never the most
-    recently used one (the raster being worked on: rebuilding it would cost more than the limit saves).
+    recently used one (the raster being worked on: rebuilding it would cost more than the limit saves)
+    nor those in `keep` (every size a Locate just searched: its next photo needs them all again).
     Returns what
     was (or, with `dry_run`, would be) removed. Runtime exports stay: they are small and remade anyway.
     The plugin's results stay unless `results` (a saved project may still show them); then those
@@ -105,7 +108,10 @@ def prune_cache(cache_dir: str | Path | None = None, max_bytes: int | None = Non
     doomed = [e for e in entries if e.kind in aged and now - e.last_used > older_than_days * DAY_S]
     if max_bytes is not None:
         total = sum(e.bytes for e in entries if e not in doomed)
+        kept = {Path(k).resolve() for k in keep}
         for e in sorted((e for e in entries if e.kind == "index"), key=lambda e: e.last_used)[:-1]:
+            if Path(e.path).resolve() in kept:
+                continue
             if total <= max_bytes:
                 break
             doomed.append(e)

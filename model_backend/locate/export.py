@@ -36,7 +36,8 @@ DECIMALS = 7
 Ring = Sequence[Sequence[float]]
 MATCH_FIELDS: dict[str, type] = {
     "rank": int, "score": float, "photo": str, "source_crs": str, "x": float, "y": float, "lon": float,
-    "lat": float, "footprint_m": float, "footprint_source": str, "model": str, "verified": bool,
+    "lat": float, "footprint_m": float, "footprint_source": str,
+    "footprint_given_m": float, "model": str, "verified": bool,
     "confidence": float, "inliers": int, "heading_deg": float, "gsd_m": float, "tile_x": float, "tile_y": float,
     "gps_distance_m": float, "gps_disagrees": bool,
 }

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.core.requests import LocateRequest
@@ -51,6 +53,12 @@ class LocateResult:
     seconds: float
     index_dir: str
     model_sha256: str
+    footprint_given_m: float | None = None
+    """The size typed or read from EXIF, around which footprint_m was searched (None: none was given)."""
+    footprints_tried: list[tuple[float, float]] = field(default_factory=list)
+    """Every footprint searched, with its best tile score: the evidence for footprint_m."""
+    index_dirs: list[str] = field(default_factory=list)
+    """The index of every footprint searched (index_dir is the chosen one's): a cache limit keeps them all."""
     extra: dict[str, Any] = field(default_factory=dict)
     properties: dict[str, Any] = field(default_factory=dict)
     """The result-level match properties (photo, footprint, model, GPS check) every output carries."""
@@ -59,13 +67,28 @@ class LocateResult:
     def best(self) -> Candidate:
         return self.candidates[0]
 
+    def footprint_note(self) -> str:
+        """The footprint used and why, for a person: "31 m (40 m typed; best of 30.77, 40, 52 m)"."""
+        word = {"user": "typed", "exif": "from EXIF"}.get(self.footprint_source)
+        if word is None or self.footprint_given_m is None:
+            return f"{self.footprint_m:g} m ({self.footprint_source})"
+        if len(self.footprints_tried) <= 1:
+            return f"{self.footprint_m:g} m ({word})"
+        sizes = ", ".join(f"{f:g}" for f, _ in self.footprints_tried)
+        if abs(self.footprint_m - self.footprint_given_m) < 0.01:
+            return f"{self.footprint_m:g} m ({word}; best of {sizes} m)"
+        return f"{self.footprint_m:g} m ({self.footprint_given_m:g} m {word}; best of {sizes} m)"
+
     def json_line(self) -> dict[str, Any]:
         b = self.best
         return {
             "photo": self.photo, "best_lon": round(b.lon, 8), "best_lat": round(b.lat, 8),
             "best_x": round(b.x, 3), "best_y": round(b.y, 3), "score": round(b.score, 5),
             "seconds": round(self.seconds, 3), "footprint_m": round(self.footprint_m, 2),
-            "footprint_source": self.footprint_source, "heatmap": self.heatmap_path,
+            "footprint_source": self.footprint_source,
+            "footprint_given_m": None if self.footprint_given_m is None else round(self.footprint_given_m, 2),
+            "footprints_tried": [[round(f, 2), round(s, 5)] for f, s in self.footprints_tried],
+            "heatmap": self.heatmap_path,
             "geojson": self.geojson_path, "gpkg": self.gpkg_path, "candidates": len(self.candidates),
             "verified": bool(b.verified), "confidence": None if b.confidence is None else round(b.confidence, 4),
             "footprint_wkt": "POLYGON ((" + ", ".join(f"{x:.3f} {y:.3f}" for x, y, *_ in b.polygon) + "))",
@@ -74,17 +97,37 @@ class LocateResult:
         }
 
 
+def footprint_limits(info: RasterInfo) -> tuple[float, float]:
+    """The smallest and largest footprints this raster can hold (MIN_TILE_PX pixels; 95 % of its short side)."""
+    return MIN_TILE_PX * max(info.gsd_x_m, info.gsd_y_m), 0.95 * min(info.width_m, info.height_m)
+
+
+def around(given: float, tolerance: float, info: RasterInfo) -> list[float]:
+    """The sizes searched for a given footprint: given/(1+t), given, given*(1+t), those the raster can hold.
+
+    The given size itself always stays, so a size the raster cannot hold fails in make_grid with its reason.
+    """
+    if tolerance <= 0:
+        return [given]
+    smallest, limit = footprint_limits(info)
+    near = {round(given / (1.0 + tolerance), 2), round(given * (1.0 + tolerance), 2)}
+    return sorted({given} | {fp for fp in near if smallest <= fp <= limit})
+
+
 def choose_footprints(info: RasterInfo, photo: str, tiling: TilingConfig, query: QueryConfig
-                      ) -> tuple[list[float], str]:
-    """The footprint(s) to search: the user's, else EXIF-derived, else a small scale ladder."""
+                      ) -> tuple[list[float], str, float | None]:
+    """The footprints to search, where they come from, and the size given (None when none was).
+
+    The user's size, else EXIF's, each with the sizes around it that `query.footprint_tolerance`
+    allows; else (no size known) a wider ladder around the tiling's size (`query.scale_search`).
+    """
     if query.footprint_m:
-        return [query.footprint_m], "user"
+        return around(query.footprint_m, query.footprint_tolerance, info), "user", query.footprint_m
     priors = read_priors(photo)
     exif_fp = priors.ground_short_side_m()
-    limit = 0.95 * min(info.width_m, info.height_m)
-    smallest = MIN_TILE_PX * max(info.gsd_x_m, info.gsd_y_m)
+    smallest, limit = footprint_limits(info)
     if exif_fp and smallest <= exif_fp <= limit:
-        return [exif_fp], "exif"
+        return around(round(exif_fp, 2), query.footprint_tolerance, info), "exif", exif_fp
     if exif_fp:  # a prior this raster cannot hold is ignored, not fatal: the scale search still runs
         log.warning("%s: its EXIF footprint (%.0f m) does not fit this raster; searching scales instead",
                     Path(photo).name, exif_fp)
@@ -93,7 +136,60 @@ def choose_footprints(info: RasterInfo, photo: str, tiling: TilingConfig, query:
     # A coarse raster cannot hold the ladder's small end (a 36 m tile is 7 pixels at 5 m): search the
     # sizes it can hold; when none can, the user's size stays and make_grid says why.
     usable = [fp for fp in ladder if fp >= smallest]
-    return (usable or [tiling.footprint_m]), "scale search"
+    return (usable or [tiling.footprint_m]), "scale search", None
+
+
+@dataclass
+class FootprintSearch:
+    """The footprint whose index matched the photo best, with its index and scores; `tried` lists
+    every size searched with its best score (what the CLI's -v log and the bench report)."""
+
+    footprint_m: float
+    index: TileIndex
+    scores: TileScores
+    tried: list[tuple[float, float]]
+    folders: list[str]
+    """The index folder of every size searched."""
+
+
+def search_footprints(raster: str, footprints: list[float], queries: np.ndarray, *, tiling: TilingConfig,
+                      model: ModelConfig, embedder: EmbeddingModel, cache_dir: str | None = None,
+                      progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                      near: tuple[tuple[float, float], float] | None = None,
+                      near_error: str = "No tile lies near the photo's GPS position.") -> FootprintSearch:
+    """Score the photo against the index of every size (built once per raster and size, then cached)
+    and keep the size whose best tile scores highest: a photo matches tiles of its own ground size
+    best, so the best score also says which size was right.
+
+    near: ((x, y), radius) in the raster's CRS: score only the tiles that close (InputError `near_error`
+    when none is).
+    """
+    best: FootprintSearch | None = None
+    tried: list[tuple[float, float]] = []
+    folders: list[str] = []
+    for i, fp in enumerate(footprints):
+        def sub(f: float, msg: str, i: int = i, fp: float = fp) -> None:
+            if progress:  # with several sizes say which one is being searched
+                label = f"Footprint {fp:g} m ({i + 1} of {len(footprints)}): " if len(footprints) > 1 else ""
+                progress((i + f) / len(footprints), label + msg)
+
+        idx = build_index(raster, replace(tiling, footprint_m=fp), model, cache_dir=cache_dir,
+                          progress=sub, cancel=cancel, embedder=embedder)
+        if cancel and cancel():
+            raise Cancelled()
+        scores = score_tiles(idx, queries)
+        if near is not None:
+            scores = scores.within(*near)
+            if not scores.scored.any():
+                raise InputError(near_error)
+        log.info("footprint %.1f m: best score %.4f over %d tiles", fp, scores.best, idx.n_tiles)
+        tried.append((fp, float(scores.best)))
+        folders.append(str(idx.folder))
+        if best is None or scores.best > best.scores.best:
+            best = FootprintSearch(fp, idx, scores, tried, folders)
+    if best is None:  # choose_footprints always gives one size; an empty list is a bug
+        raise RuntimeError("no footprint was searched")
+    return best
 
 
 def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
@@ -114,7 +210,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     if embedder is None and progress:
         progress(0.0, "Loading model…")
     net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
-    footprints, source = choose_footprints(info, photo, tiling, query)
+    footprints, source, given = choose_footprints(info, photo, tiling, query)
     out = _prepare_out_dir(out_dir)
 
     priors = read_priors(photo)
@@ -126,29 +222,20 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
         progress(0.02, "Embedding the photo" + ("" if priors.yaw_deg is not None else
                                                  f" at {query.rotations} headings"))
     q = photo_queries(net, image, priors.yaw_deg, query.rotations)
-    best: tuple[float, TileIndex, TileScores] | None = None
-    for i, fp in enumerate(footprints):
-        def sub(f: float, msg: str, i: int = i, fp: float = fp) -> None:
-            if progress:  # with several sizes (scale search) say which one is being searched
-                label = f"Footprint {fp:g} m ({i + 1} of {len(footprints)}): " if len(footprints) > 1 else ""
-                progress(0.03 + 0.87 * (i + f) / len(footprints), label + msg)
 
-        idx = build_index(raster, replace(tiling, footprint_m=fp), model, cache_dir=cache_dir,
-                          progress=sub, cancel=cancel, embedder=net)
-        if cancel and cancel():
-            raise Cancelled()
-        scores = score_tiles(idx, q)
-        if prior_radius_m and gps is not None:
-            scores = scores.within(gps, prior_radius_m)
-            if not scores.scored.any():
-                raise InputError(f"No tile lies within {prior_radius_m:g} m of {Path(photo).name}'s GPS position; "
-                                 "is it on this raster? Use a larger --prior-radius-m or none.")
-        log.info("footprint %.1f m: best score %.4f over %d tiles", fp, scores.best, idx.n_tiles)
-        if best is None or scores.best > best[2].best:
-            best = (fp, idx, scores)
-    if best is None:  # choose_footprints always gives one size; an empty list is a bug
-        raise RuntimeError("no footprint was searched")
-    fp, idx, scores = best
+    def searching(f: float, msg: str) -> None:
+        if progress:
+            progress(0.03 + 0.87 * f, msg)
+
+    near = None
+    if prior_radius_m and gps is not None:
+        near = (gps, prior_radius_m)
+    found = search_footprints(
+        raster, footprints, q, tiling=tiling, model=model, embedder=net, cache_dir=cache_dir,
+        progress=searching, cancel=cancel, near=near,
+        near_error=f"No tile lies within {prior_radius_m or 0:g} m of {Path(photo).name}'s GPS position; "
+                   "is it on this raster? Use a larger --prior-radius-m or none.")
+    fp, idx, scores = found.footprint_m, found.index, found.scores
     stem = out_name or Path(photo).stem
     n_cands = max(query.top_k, verify_config.top_k) if do_verify else query.top_k
     cands = select_candidates(scores, n_cands, query.nms_iou)
@@ -162,7 +249,9 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     if progress:
         progress(0.95, "Writing heatmap and matches")
     props: dict[str, Any] = {"photo": str(Path(photo).absolute()), "footprint_m": round(fp, 2),
-                             "footprint_source": source, "model": idx.manifest["model"]["weights_name"]}
+                             "footprint_source": source,
+                             "footprint_given_m": None if given is None else round(given, 2),
+                             "model": idx.manifest["model"]["weights_name"]}
     if gps is not None and cands:
         dist = ground_distance(info.crs_wkt, *gps, cands[0].x, cands[0].y)
         extra.update(gps_distance_m=round(dist, 1), gps_disagrees=gps_disagrees(dist, fp))
@@ -179,7 +268,8 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
         progress(1.0, "Done")
     return LocateResult(
         photo=str(photo), heatmap_path=heat, geojson_path=gj, gpkg_path=gp, crs_wkt=info.crs_wkt,
-        footprint_m=fp, footprint_source=source, candidates=cands, seconds=time.perf_counter() - t0,
+        footprint_m=fp, footprint_source=source, footprint_given_m=given, footprints_tried=found.tried,
+        index_dirs=found.folders, candidates=cands, seconds=time.perf_counter() - t0,
         index_dir=str(idx.folder), model_sha256=net.sha256, extra=extra, properties=props,
     )
 

@@ -123,12 +123,16 @@ def test_index_ann_builds_a_compressed_index_on_request_and_reuses_it(work: dict
 def test_locate_prints_json_and_writes_outputs(work: dict[str, Path]) -> None:
     out = work["dir"] / "out"
     proc = run_cli("locate", work["raster"], work["photo"], "--out", out, "--footprint-m", FOOTPRINT,
-                   "--top-k", 3, cache=work["cache"])
+                   "--footprint-tolerance", 0.25, "--top-k", 3, cache=work["cache"])
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     (line,) = json_lines(proc.stdout)
     assert set(line) >= JSON_KEYS
     assert line["photo"] == str(work["photo"]) and line["footprint_source"] == "user" and line["candidates"] == 3
+    # the sizes around the one given, each with its best score; the one used is the best-scoring
+    tried = line["footprints_tried"]
+    assert [f for f, _ in tried] == [round(FOOTPRINT / 1.25, 2), FOOTPRINT, round(FOOTPRINT * 1.25, 2)]
+    assert line["footprint_given_m"] == FOOTPRINT and line["footprint_m"] == max(tried, key=lambda t: t[1])[0]
     assert -1.0 <= line["score"] <= 1.0 and line["seconds"] > 0
     assert -180 <= line["best_lon"] <= 180 and -90 <= line["best_lat"] <= 90
     spec = json.loads((work["dir"] / "place.truth.json").read_text())["spec"]  # written by save_view

@@ -251,7 +251,8 @@ def test_gpkg_keeps_source_crs_and_features(grids, name, tmp_path):
     assert {f.GetName(): f.GetTypeName() for f in fields} == {
         "rank": "Integer", "score": "Real", "photo": "String", "source_crs": "String", "x": "Real",
         "y": "Real", "lon": "Real", "lat": "Real", "footprint_m": "Real", "footprint_source": "String",
-        "model": "String", "verified": "Integer", "confidence": "Real", "inliers": "Integer64",
+        "footprint_given_m": "Real", "model": "String", "verified": "Integer", "confidence": "Real",
+        "inliers": "Integer64",
         "heading_deg": "Real", "gsd_m": "Real", "tile_x": "Real", "tile_y": "Real", "gps_distance_m": "Real",
         "gps_disagrees": "Integer", "rotations": "Integer64"}
     ds = lyr = None

@@ -86,3 +86,24 @@ def test_masked_tiles_are_not_indexed(data_dir: Path, embedder, cache_dir: Path)
     idx = build_index(str(data_dir / "bali_pix4d_0.35m_alpha.tif"), TilingConfig(footprint_m=60),
                       cache_dir=str(cache_dir), embedder=embedder)
     assert 0 < idx.n_tiles < idx.grid.n_tiles
+
+
+def test_a_size_limit_keeps_every_index_a_locate_just_searched(tmp_path: Path) -> None:
+    """A Locate searches several sizes (the tolerance around the footprint); pruning to a limit right
+    after it must keep them all - the next photo needs each again - and still free the stale ones."""
+    import os
+
+    from model_backend.index.cache import prune_cache
+
+    folders = []
+    for i, name in enumerate(["aaaa", "bbbb", "cccc", "dddd"]):  # aaaa oldest ... dddd newest
+        f = tmp_path / "indexes" / name
+        f.mkdir(parents=True)
+        (f / "manifest.json").write_text(json.dumps({"n_tiles": 1, "tiling": {"footprint_m": 40.0 + i}}))
+        (f / "embeddings.npy").write_bytes(b"\0" * 1000)
+        for p in (f / "embeddings.npy", f / "manifest.json", f):
+            os.utime(p, (1e9 + i * 1000, 1e9 + i * 1000))
+        folders.append(f)
+    removed = prune_cache(tmp_path, max_bytes=0, keep=[folders[1], str(folders[2])])
+    assert sorted(Path(e.path).name for e in removed) == ["aaaa"]
+    assert [f.exists() for f in folders] == [False, True, True, True]  # dddd: the most recently used

@@ -60,7 +60,9 @@ def manila_run(data_dir: Path, embedder, tmp_path_factory: pytest.TempPathFactor
     photo = work / "nadir.jpg"
     save_view(view, str(photo))
     progress: list[float] = []
-    res = locate_photo(raster, str(photo), str(work / "out"), query=QueryConfig(footprint_m=FOOTPRINT, top_k=TOP_K),
+    # tolerance 0: the footprint given exactly (the search around it has its own tests below)
+    query = QueryConfig(footprint_m=FOOTPRINT, top_k=TOP_K, footprint_tolerance=0.0)
+    res = locate_photo(raster, str(photo), str(work / "out"), query=query,
                        cache_dir=str(work / "cache"), embedder=embedder,
                        progress=lambda f, msg: progress.append(f))
     return raster, view, res, progress
@@ -83,6 +85,7 @@ def test_outputs_exist_and_result_fields(manila_run) -> None:
         assert Path(path).is_file() and Path(path).name == stem + suffix
     assert (Path(res.index_dir) / "manifest.json").is_file()
     assert res.footprint_m == FOOTPRINT and res.footprint_source == "user"
+    assert res.footprint_given_m == FOOTPRINT and [f for f, _ in res.footprints_tried] == [FOOTPRINT]
     assert res.seconds > 0 and res.model_sha256 and CRS.from_wkt(res.crs_wkt) == CRS.from_wkt(
         open_raster(raster).crs_wkt)
     assert progress and progress[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in progress)
@@ -137,6 +140,52 @@ def test_candidates_ranked_top_k_and_suppressed(manila_run) -> None:
         assert c.polygon[0] == c.polygon[-1]
 
 
+@pytest.mark.parametrize("factor", [1.3, 1 / 1.3])
+def test_a_footprint_given_30_percent_off_is_searched_around(
+        data_dir: Path, embedder, tmp_path: Path, factor: float) -> None:
+    """An analyst's guess of the ground size is rarely right: a nadir view 40 m across, located with 52 m
+    (or 30.8 m) typed, is searched at the sizes around the guess and found; the size reported is the one
+    that matched best (the bench's `footprint` part measures how often that is the true one: 50-85 %)."""
+    raster = str(data_dir / MANILA)
+    view = _nadir_view(raster, FOOTPRINT, seed=7)
+    photo = tmp_path / "guess.jpg"
+    save_view(view, str(photo))
+    given = round(FOOTPRINT * factor, 2)
+    res = locate_photo(raster, str(photo), str(tmp_path / "out"), query=QueryConfig(footprint_m=given, top_k=2),
+                       cache_dir=str(tmp_path / "cache"), embedder=embedder, verify=False)
+    tried = [f for f, _ in res.footprints_tried]
+    assert tried == sorted([round(given / 1.3, 2), given, round(given * 1.3, 2)])
+    assert res.footprint_m in tried and res.footprint_given_m == given
+    assert max(res.footprints_tried, key=lambda t: t[1])[0] == res.footprint_m  # chosen = best-scoring size
+    assert math.hypot(res.best.x - view.spec.cx, res.best.y - view.spec.cy) <= FOOTPRINT
+    line = res.json_line()
+    assert line["footprint_m"] == res.footprint_m and line["footprint_given_m"] == given
+    assert [f for f, _ in line["footprints_tried"]] == tried
+    assert json.loads(Path(res.geojson_path).read_text())["features"][0]["properties"]["footprint_given_m"] == given
+    sizes = ", ".join(f"{f:g}" for f in tried)
+    assert res.footprint_note() in (f"{res.footprint_m:g} m ({given:g} m typed; best of {sizes} m)",
+                                    f"{given:g} m (typed; best of {sizes} m)")
+    with rasterio.open(res.heatmap_path) as hm:  # the heatmap is the chosen size's
+        grid = make_grid(open_raster(raster), TilingConfig(footprint_m=res.footprint_m))
+        assert (hm.width, hm.height) == (grid.cell_cols, grid.cell_rows)
+
+
+def test_the_sizes_around_a_given_footprint_keep_to_what_the_raster_holds(data_dir: Path) -> None:
+    from model_backend.locate.pipeline import around, footprint_limits
+
+    florida = open_raster(str(data_dir / FLORIDA))  # 40 m square at 0.1 m: holds 3.2 m to 38 m
+    smallest, limit = footprint_limits(florida)
+    assert around(20.0, 0.3, florida) == [15.38, 20.0, 26.0]
+    assert around(35.0, 0.3, florida) == [26.92, 35.0]  # 45.5 m does not fit: dropped
+    assert around(20.0, 0.0, florida) == [20.0]
+    assert around(60.0, 0.3, florida)[-1] == 60.0  # the given size stays, so make_grid says why it cannot be
+    assert all(smallest <= f <= limit for f in around(35.0, 0.5, florida))
+    with pytest.raises(Exception, match="tolerance"):
+        QueryConfig(footprint_tolerance=float("nan"))
+    with pytest.raises(Exception, match="tolerance"):
+        QueryConfig(footprint_tolerance=1.5)
+
+
 def test_unknown_footprint_runs_a_scale_search(data_dir: Path, embedder, tmp_path: Path) -> None:
     raster = str(data_dir / FLORIDA)
     photo = tmp_path / "no_exif.jpg"
@@ -167,9 +216,10 @@ def test_exif_height_sets_the_footprint(data_dir: Path, embedder, tmp_path: Path
     assert read_priors(str(photo)).ground_short_side_m() == pytest.approx(expected)
     res = locate_photo(str(data_dir / FLORIDA), str(photo), str(tmp_path / "out"), query=QueryConfig(top_k=1),
                        cache_dir=str(tmp_path / "cache"), embedder=embedder)
-    assert res.footprint_source == "exif"
-    assert res.footprint_m == pytest.approx(expected)
-    assert len(list((tmp_path / "cache" / "indexes").iterdir())) == 1
+    assert res.footprint_source == "exif" and res.footprint_given_m == pytest.approx(expected, abs=0.01)
+    tried = [f for f, _ in res.footprints_tried]  # EXIF's size and the sizes around it that fit
+    assert expected == pytest.approx(tried[1], abs=0.01) and len(tried) == 3 and res.footprint_m in tried
+    assert len(list((tmp_path / "cache" / "indexes").iterdir())) == 3
 
 
 def test_cancel_raises_and_leaves_no_finished_index(data_dir: Path, embedder, tmp_path: Path) -> None:
@@ -191,8 +241,8 @@ def test_scale_search_keeps_to_the_sizes_a_coarse_raster_can_hold(data_dir: Path
 
     coarse = open_raster(str(data_dir / "naip_northdakota_5m_2015.tif"))
     photo = str(data_dir / "sues200" / sorted(p.name for p in (data_dir / "sues200").iterdir())[0])
-    sizes, source = choose_footprints(coarse, photo, TilingConfig(footprint_m=60.0), QueryConfig())
-    assert source == "scale search" and sizes == [60.0, 96.0]
+    sizes, source, given = choose_footprints(coarse, photo, TilingConfig(footprint_m=60.0), QueryConfig())
+    assert source == "scale search" and given is None and sizes == [60.0, 96.0]
     assert all(fp / coarse.gsd_x_m >= MIN_TILE_PX for fp in sizes)
     for fp in sizes:
         make_grid(coarse, TilingConfig(footprint_m=fp))  # each can be indexed
@@ -212,8 +262,12 @@ def test_progress_names_each_stage_and_counts_tiles(data_dir: Path, tmp_path: Pa
                  progress=lambda f, msg: seen.append((f, msg)))
     messages = [m for _, m in seen]
     assert messages[0] == "Loading model…" and messages[1].startswith("Embedding the photo")
-    tiles = [m for m in messages if m.startswith("Embedding tiles ")]
-    assert tiles and tiles[-1].split()[2] == tiles[-1].split()[4]  # "Embedding tiles N of N" at the end
+    # each size searched around the 40 m given says which it is, then counts its tiles to "N of N"
+    sizes = [m.split(":")[0] for m in messages if "Embedding tiles " in m]
+    assert sizes and all(s.startswith("Footprint ") and s.endswith(" of 3)") for s in sizes)
+    assert len(set(sizes)) == 3 and sum(a != b for a, b in zip(sizes, sizes[1:])) == 2  # one size after another
+    tiles = [m.split(": ")[-1] for m in messages if "Embedding tiles " in m]
+    assert tiles[-1].split()[2] == tiles[-1].split()[4]  # "Embedding tiles N of N" at the end
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 

@@ -96,7 +96,8 @@ def assert_located(report: dict, messages: list[dict]) -> None:
     assert loc["verified"] is True, loc
     assert loc["error_m"] <= 5.0, loc
     assert not report["locate_enabled_while_running"]
-    assert loc["footprint_used"].endswith(("(scale search)", "(typed)", "(from EXIF)")), loc
+    assert loc["footprint_used"].endswith(("(scale search)", "(typed)", "(from EXIF)", " m)")), loc
+    assert loc["footprint_used"].split()[0].replace(".", "").isdigit(), loc  # "52 m (40 m typed; best of ...)"
     assert loc["table_rows"] == loc["candidates"]
     running = [e for e in report["timeline"] if loc["started_at"] <= e["t"] <= loc["ended_at"]]
     stages = [e["status"] for e in running]

@@ -102,7 +102,8 @@ def test_random_bytes_as_a_label_file_are_refused_in_one_line(tmp_path: Path) ->
 
 NUMBERS = ["-1", "0", "1e13", "1e308", "nan", "inf", "-inf", "3.5", "0.001", "1e-300", "10000000000000", "-0"]
 NOT_NUMBERS = ["abc", "", "0x10", "1,5"]
-LOCATE_OPTIONS = ["--footprint-m", "--top-k", "--rotations", "--prior-radius-m", "--batch-size"]
+LOCATE_OPTIONS = ["--footprint-m", "--footprint-tolerance", "--top-k", "--rotations", "--prior-radius-m",
+                  "--batch-size"]
 INDEX_OPTIONS = ["--footprint-m", "--batch-size"]
 
 

@@ -182,7 +182,7 @@ def test_an_absurd_exif_altitude_is_ignored_not_fatal(metres: str, source: str, 
     photo = _with_relative_altitude(DATA / "DJI_0061.JPG", tmp_path / "DJI_0061.JPG", metres)
     assert read_priors(str(photo)).relative_altitude_m == float(metres)
     info = open_raster(str(RASTER))
-    sizes, chosen = choose_footprints(info, str(photo), TilingConfig(footprint_m=FOOTPRINT), QueryConfig())
+    sizes, chosen, _ = choose_footprints(info, str(photo), TilingConfig(footprint_m=FOOTPRINT), QueryConfig())
     assert chosen == source
     assert all(0 < s <= 0.95 * min(info.width_m, info.height_m) for s in sizes)
 

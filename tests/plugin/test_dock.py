@@ -31,12 +31,14 @@ def test_dock_builds_params_from_its_widgets(iface) -> None:
     dock.set_photo(str(DATA / "DJI_0061.JPG"))
     dock.footprint_spin.setValue(80)
     dock.footprint_auto.setChecked(False)
+    assert dock.tolerance_spin.value() == 30  # the engine's default tolerance, from settings
+    dock.tolerance_spin.setValue(20)
     seen: list[LocateParams] = []
     dock.locate_requested.disconnect()
     dock.locate_requested.connect(seen.append)
     dock.locate_button.click()
     assert seen == [LocateParams(layer=layer, photo=str(DATA / "DJI_0061.JPG"), footprint_m=80.0,
-                                 footprint_auto=False, top_k=3)]
+                                 footprint_auto=False, top_k=3, tolerance_pct=20.0)]
 
 
 def test_thumbnail_follows_exif_orientation(iface, tmp_path: Path) -> None:

@@ -97,7 +97,9 @@ def test_locate_adds_styled_layers_and_exports_geojson(plugin, iface, photo, tmp
     assert wait_until(lambda: _done(task), 90), dock.status.text()
     assert task.outcome.succeeded, task.message + task.details
     assert not stale.exists() and task.cache.removed == 1  # pruned to the limit after the Locate ...
-    assert Path(task.result.heatmap_path).is_file()  # ... keeping the index just used and the results
+    assert Path(task.result.heatmap_path).is_file()  # ... keeping the indexes just used and the results:
+    assert len(task.result.index_dirs) == 3  # every size searched around the footprint typed (±30 %)
+    assert all((Path(d) / "manifest.json").is_file() for d in task.result.index_dirs)
     assert "1 old index removed" in dock.cache_label.text() and " GB of " in dock.cache_label.text()
 
     group = QgsProject.instance().layerTreeRoot().children()[0]

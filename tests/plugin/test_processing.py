@@ -196,9 +196,9 @@ def test_one_matches_schema_for_the_layer_the_geojson_and_the_geopackage(provide
     from model_backend.locate.export import MATCH_FIELDS
 
     out = _run("cdikt:locate", {"RASTER": str(RASTER), "PHOTOS": [str(photos / "view_a.jpg")], "FOOTPRINT": FOOTPRINT,
-                                "FOOTPRINT_FROM_EXIF": False, "TOP_K": 2, "VERIFY": True, "NEAR_GPS_M": 0.0,
-                                "CACHE_DIR": str(cache), "HEATMAPS": str(tmp_path / "h"),
-                                "OUTPUT": str(tmp_path / "m.gpkg")})
+                                "FOOTPRINT_FROM_EXIF": False, "FOOTPRINT_TOLERANCE": 20.0, "TOP_K": 2,
+                                "VERIFY": True, "NEAR_GPS_M": 0.0, "CACHE_DIR": str(cache),
+                                "HEATMAPS": str(tmp_path / "h"), "OUTPUT": str(tmp_path / "m.gpkg")})
     layer = QgsVectorLayer(out["OUTPUT"], "matches", "ogr")
     names = [f.name() for f in layer.fields() if f.name() != "fid"]
     assert names[:len(MATCH_FIELDS)] == list(MATCH_FIELDS) and names[len(MATCH_FIELDS):] == ["heatmap", "photo_path"]
@@ -221,6 +221,9 @@ def test_one_matches_schema_for_the_layer_the_geojson_and_the_geopackage(provide
             assert same(sink[rank][key], gj[rank][key]), (rank, key, sink[rank][key], gj[rank][key])
             assert same(gp[rank][key], gj[rank][key]), (rank, key, gp[rank][key], gj[rank][key])
     assert gj[1]["verified"] is True and gj[1]["footprint_source"] == "user" and gj[1]["inliers"] > 0
+    # the tolerance reached the engine: the size used is one of those around the size given (±20 %)
+    assert gj[1]["footprint_given_m"] == FOOTPRINT
+    assert gj[1]["footprint_m"] in {round(FOOTPRINT / 1.2, 2), FOOTPRINT, round(FOOTPRINT * 1.2, 2)}
 
 
 def test_run_and_load_adds_styled_heatmap_and_matches_layers(provider, cache, photos, tmp_path) -> None:

@@ -15,6 +15,9 @@ def test_settings_defaults_and_round_trip(qgis_app, tmp_path: Path) -> None:
     assert s.cache_dir is None and s.weights_path is None and s.python_site_packages is None
     assert s.default_footprint_m == 60.0 and s.top_k == 5 and s.footprint_from_exif is True
     assert s.cache_max_gb == 20.0 and s.cache_max_bytes() == 20 * 2**30
+    from model_backend.core.config import QueryConfig  # the dock's default tolerance is the engine's
+
+    assert s.footprint_tolerance_pct == 100 * QueryConfig().footprint_tolerance
     assert s.effective_cache_dir() == str(tmp_path / "cache")  # CDIKT_CACHE_DIR, as the engine does
 
     s.cache_dir = tmp_path / "mine"
@@ -23,12 +26,14 @@ def test_settings_defaults_and_round_trip(qgis_app, tmp_path: Path) -> None:
     s.top_k = 7
     s.footprint_from_exif = False
     s.cache_max_gb = 0
+    s.footprint_tolerance_pct = 0
     again = CdiktSettings()  # a fresh object reads the stored values
     assert again.cache_dir == str(tmp_path / "mine")
     assert again.results_dir() == str(tmp_path / "mine" / "results")
     assert again.weights_path == str(tmp_path / "w.safetensors")
     assert (again.default_footprint_m, again.top_k, again.footprint_from_exif) == (120.0, 7, False)
     assert again.cache_max_gb == 0.0 and again.cache_max_bytes() is None  # 0: no limit
+    assert again.footprint_tolerance_pct == 0.0  # 0 is a choice (the size typed only), not "unset"
     again.cache_dir = None
     assert CdiktSettings().cache_dir is None
 
@@ -45,6 +50,8 @@ def test_settings_refuse_bad_values(qgis_app) -> None:
         s.default_footprint_m = -1
     with pytest.raises(ValueError):
         s.cache_max_gb = -1
+    with pytest.raises(ValueError):
+        s.footprint_tolerance_pct = 150
 
 
 def test_engine_logging_reaches_the_qgis_log(qgis_app) -> None:
