@@ -41,8 +41,10 @@ from model_backend.learn.labels import Label, LabelSet, square_footprint, write_
 from model_backend.learn.versions import ModelRegistry
 from model_backend.nn.weights import DEFAULT_WEIGHTS_NAME
 
-MAP = DATA / "naip_northdakota_5m_2015.tif"
-PHOTO_RASTERS = {2010: DATA / "naip_northdakota_5m_2010.tif", 2020: DATA / "naip_northdakota_5m_2020.tif"}
+NAIP = {year: DATA / f"naip_northdakota_5m_{year}.tif" for year in (2010, 2015, 2020)}
+"""The same 4.7 x 3.6 km area in three years: real seasonal and crop change, co-registered."""
+MAP = NAIP[2015]
+PHOTO_RASTERS = {2010: NAIP[2010], 2020: NAIP[2020]}
 IMAGENET = resources_dir() / "weights" / DEFAULT_WEIGHTS_NAME
 """The starting model: ImageNet MobileNetV2. Not the shipped CDIKTNet default, whose training set holds
 these very NAIP rasters (all three years, cross-year pairs), so it has already seen this shift."""
@@ -62,9 +64,10 @@ def camera_look(path: Path) -> None:
 
 def make_labelled_photos(photo_raster: str | Path, map_raster: str | Path, n: int, footprint_m: float, seed: int,
                          folder: Path, size: tuple[int, int] = (640, 480),
-                         look: Callable[[Path], None] | None = None) -> Path:
+                         look: Callable[[Path], None] | None = None, label_factor: float = 1.0) -> Path:
     """Simulate `n` photos from `photo_raster` (each then passed through `look`, if given), label each at its
-    true footprint in the map's CRS; return the labels file."""
+    true footprint times `label_factor` (an analyst's guess of the ground size, e.g. 1.3: a third too large)
+    in the map's CRS; return the labels file."""
     folder.mkdir(parents=True, exist_ok=True)
     crs = open_raster(str(map_raster)).crs_wkt
     labels = []
@@ -75,7 +78,8 @@ def make_labelled_photos(photo_raster: str | Path, map_raster: str | Path, n: in
             look(path)
         s = view.spec
         labels.append(Label(photo=path.name, heading=s.heading_deg,
-                            ring=square_footprint(s.cx, s.cy, s.footprint_m * s.scale, s.heading_deg, crs)))
+                            ring=square_footprint(s.cx, s.cy, s.footprint_m * s.scale * label_factor,
+                                                  s.heading_deg, crs)))
     out = folder / "labels.gpkg"
     write_labels(out, LabelSet(labels, crs, str(out)))
     return out
@@ -83,29 +87,34 @@ def make_labelled_photos(photo_raster: str | Path, map_raster: str | Path, n: in
 
 def adapt_benchmark(*, case: str = "cross-year", seed: int = 0, n_train: int = 10, n_test: int = 100,
                     footprint_m: float = 400.0, year: int = 2020, config: AdaptConfig | None = None,
-                    keep: str | None = None, weights: str | None = str(IMAGENET)) -> dict[str, Any]:
+                    keep: str | None = None, weights: str | None = str(IMAGENET), map_year: int = 2015,
+                    footprint_factor: float = 1.0) -> dict[str, Any]:
     """Run one case of the floor benchmark once; returns before/after figures, the gain in points, wall and CPU
-    seconds. `year`: the photos' NAIP year of the cross-year case."""
+    seconds. `year`: the photos' NAIP year of the cross-year case; `map_year`: the map's.
+    `footprint_factor`: the analyst's footprint guess as a multiple of the true one (labels drawn that size,
+    so adaptation and the before/after check locate with it)."""
     if case not in CASES:
         raise ValueError(f"Unknown adaptation case {case!r}; use one of {', '.join(CASES)}.")
-    photo_raster = PHOTO_RASTERS.get(year) if case == "cross-year" else MAP
-    if photo_raster is None or not photo_raster.exists() or not MAP.exists():
-        return {"adapt_skipped": f"missing NAIP rasters ({MAP.name} and the {year} one) in tests/data"}
+    map_raster = NAIP.get(map_year)
+    photo_raster = NAIP.get(year) if case == "cross-year" else map_raster
+    if photo_raster is None or map_raster is None or not photo_raster.exists() or not map_raster.exists():
+        return {"adapt_skipped": f"missing NAIP rasters (the {map_year} and {year} ones) in tests/data"}
     tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cdikt-adapt-bench-"))
     user_cache = os.environ.get("CDIKT_CACHE_DIR")
     os.environ["CDIKT_CACHE_DIR"] = str(tmp / "cache")  # the runtime's exports too: the user's cache stays clean
     try:
-        labels = make_labelled_photos(photo_raster, MAP, n_train + n_test, footprint_m, 100 + seed, tmp / "photos",
-                                      look=camera_look if case == "camera" else None)
+        labels = make_labelled_photos(photo_raster, map_raster, n_train + n_test, footprint_m, 100 + seed,
+                                      tmp / "photos", look=camera_look if case == "camera" else None,
+                                      label_factor=footprint_factor)
         cfg = replace(config or AdaptConfig(), holdout_count=n_test, seed=seed)
         t0 = time.perf_counter()
-        res = adapt(str(MAP), str(labels), str(tmp / "adapted.safetensors"), weights, config=cfg,
+        res = adapt(str(map_raster), str(labels), str(tmp / "adapted.safetensors"), weights, config=cfg,
                     cache_dir=str(tmp / "cache"), registry=ModelRegistry(tmp / "data"))
         wall = time.perf_counter() - t0
         gain = 100.0 * (res.after.top1 - res.before.top1)
         return {
-            "adapt_case": case, "adapt_map": MAP.name, "adapt_photos_from": photo_raster.name,
-            "adapt_footprint_m": footprint_m,
+            "adapt_case": case, "adapt_map": map_raster.name, "adapt_photos_from": photo_raster.name,
+            "adapt_footprint_m": footprint_m, "adapt_footprint_factor": footprint_factor,
             "adapt_start_model": Path(weights).name if weights else "default",
             "adapt_n_train": res.n_train, "adapt_n_test": res.after.n, "adapt_seed": seed,
             "adapt_top1_before": round(res.before.top1, 4), "adapt_top1_after": round(res.after.top1, 4),

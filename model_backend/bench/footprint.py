@@ -4,7 +4,7 @@
 The same semi-synthetic views as the accuracy part (three held-out rasters, seed 11) and cross-year
 views (map NAIP 2015, photos simulated from NAIP 2010 and 2020 of the same area, 400 m) are located
 with the footprint given x0.75, x1.0 and x1.3, through the production footprint search
-(`locate.pipeline.search_footprints`), once with the default tolerance (the sizes around the one
+(`locate.pipeline.best_footprint`), once with the default tolerance (the sizes around the one
 given) and once with tolerance 0 (the size given only, as before the search existed). A view is found
 when the best candidate lies within one TRUE footprint of the truth, whatever size was given.
 

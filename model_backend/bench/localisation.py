@@ -19,7 +19,7 @@ from model_backend.geo.geodesy import ground_distance_m
 from model_backend.geo.raster import open_raster
 from model_backend.learn.datasets.synth import make_views
 from model_backend.locate.candidates import select_candidates
-from model_backend.locate.pipeline import around, search_footprints
+from model_backend.locate.pipeline import around, best_footprint, footprint_indexes
 from model_backend.locate.query import embed_photo
 from model_backend.nn.embedder import EmbeddingModel
 
@@ -53,21 +53,22 @@ def synthetic_localisation(raster: str, n_views: int, footprint_m: float, seed: 
                            query: QueryConfig = QueryConfig(), map_raster: str | None = None,
                            given_factor: float | None = None, **view_kw) -> LocalisationReport:
     """Views of `raster` at `footprint_m` located on `map_raster` (default: the same raster) through the
-    production footprint search (`locate.pipeline`: the sizes around the given one that
+    production footprint search (`locate.pipeline.best_footprint`: the sizes around the given one that
     `query.footprint_tolerance` allows). `given_factor`: the footprint given is the true one times this
     (a wrong guess); None gives the true one."""
     map_path = map_raster or raster
     info = open_raster(map_path)
     given = footprint_m * (given_factor or 1.0)
     sizes = around(round(given, 2), query.footprint_tolerance, info)
+    indexes = footprint_indexes(map_path, sizes, tiling=TilingConfig(footprint_m=given), model=ModelConfig(),
+                                embedder=embedder, cache_dir=cache_dir)
     views = make_views(raster, n_views, footprint_m, seed, **view_kw)
     hit1 = hit5 = 0
     errors: list[float] = []
     chosen: list[float] = []
     for v in views:
         q = embed_photo(embedder, v.image, query.rotations)
-        found = search_footprints(map_path, sizes, q, tiling=TilingConfig(footprint_m=given), model=ModelConfig(),
-                                  embedder=embedder, cache_dir=cache_dir)
+        found = best_footprint(indexes, q)
         cands = select_candidates(found.scores, 5, query.nms_iou)
         xs = np.array([c.x for c in cands])
         ys = np.array([c.y for c in cands])

@@ -29,7 +29,7 @@ Say = Callable[[str], None]
 Figures = dict[str, Any]
 
 SCALE_PARTS = ("runtimes", "query_with_embed", "ann", "rss40k", "sharding")
-QUICK_SKIPS = ("rss40k", "sharding", "adapt")
+QUICK_SKIPS = ("rss40k", "sharding", "adapt", "adapt_matrix")
 """Parts a `--quick` run leaves out: each takes minutes (or a child process) and none is a smoke test."""
 
 CONVNEXT_TINY_GFLOP_384 = 26.3
@@ -223,6 +223,13 @@ def part_adapt(say: Say, seed: int = 0) -> Figures:
     return out
 
 
+def part_adapt_matrix(seeds: int, log: Path | None, say: Say) -> Figures:
+    """bench.adapt_matrix over `seeds` seeds (0..seeds-1), all six year pairs, footprint x1.0 and x1.3."""
+    from model_backend.bench.adapt_matrix import run_matrix
+
+    return run_matrix(seeds=range(seeds), log=log, say=say)
+
+
 # ---------------------------------------------------------------------------------------------------------- floors
 
 @dataclass(frozen=True)
@@ -252,6 +259,14 @@ FLOORS: dict[str, Floor] = {
     "footprint_cross_year_ratio": Floor("footprint_cross_year_ratio", ">=", 0.9,
                                         "cross-year top-1 with the footprint given x0.75 / x1.3 (worst) vs the true "
                                         "one (low top-1: mostly noise, see footprint_cross_year's intervals)"),
+    "adapt_matrix_before_mean": Floor("adapt_matrix_before_mean", ">=", 0.45,
+                                      "cross-year top-1 before adapting, mean of 6 year pairs x seeds (footprint x1)"),
+    "adapt_matrix_in_use_mean": Floor("adapt_matrix_in_use_mean", ">=", 0.70,
+                                      "cross-year top-1 of the model in use after 10 labels, same runs"),
+    "adapt_matrix_activated_worse": Floor("adapt_matrix_activated_worse", "<=", 0,
+                                          "runs (both footprints) whose recommended model was worse on 100 photos"),
+    "adapt_matrix_wall_max_s": Floor("adapt_matrix_wall_max_s", "<=", 300.0,
+                                     "slowest adaptation of the matrix (10 labels), seconds"),
     "adapt_gain_points": Floor("adapt_gain_points", ">=", 15.0,
                                "top-1 points gained by adaptation, cross-year photos, seed 0"),
     "adapt_wall_s": Floor("adapt_wall_s", "<=", 300.0, "adaptation wall time, cross-year photos, seconds"),

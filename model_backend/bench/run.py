@@ -293,7 +293,7 @@ def bench_accuracy(net: EmbeddingModel, tmp: Path, n_views: int, say: Say) -> di
             "median_error_m": round(med, 2), "accuracy_views": int(n), "accuracy": per}
 
 
-PARTS = ("speed", "query", "photo", "accuracy", "footprint", *SCALE_PARTS, "training", "gpu", "adapt")
+PARTS = ("speed", "query", "photo", "accuracy", "footprint", *SCALE_PARTS, "training", "gpu", "adapt", "adapt_matrix")
 """Every part, in the order run; `--skip scale` stands for all of SCALE_PARTS."""
 
 
@@ -306,6 +306,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, help="CPU threads for the model (default: the runtime's choice)")
     ap.add_argument("--runtime", default="auto", help="CPU runtime: auto, torch, openvino or onnxruntime")
     ap.add_argument("--views", type=int, help="views per raster for accuracy (default 60, quick 12)")
+    ap.add_argument("--matrix-seeds", type=int, default=5,
+                    help="seeds of the adaptation matrix (6 year pairs x 2 footprints each; ~2.5 h for 5 on 2 cores)")
+    ap.add_argument("--matrix-log", type=Path, help="JSON-lines file the matrix appends each run to and resumes from")
     ap.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}, or scale")
     ap.add_argument("--report-only", action="store_true",
                     help="exit 0 even when a part failed or a measured floor is not met (default: exit 1)")
@@ -397,6 +400,7 @@ def run_all(args: argparse.Namespace, tmp: Path, t_start: float, say: Say) -> di
         "training": lambda: bp.part_training(cpu_threads(args.threads), q, say),
         "gpu": lambda: bp.part_gpu(q, say),
         "adapt": lambda: bp.part_adapt(say),
+        "adapt_matrix": lambda: bp.part_adapt_matrix(args.matrix_seeds, args.matrix_log, say),
     }
     for name in PARTS:
         if name in skip:

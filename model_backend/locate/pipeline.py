@@ -152,31 +152,39 @@ class FootprintSearch:
     """The index folder of every size searched."""
 
 
-def search_footprints(raster: str, footprints: list[float], queries: np.ndarray, *, tiling: TilingConfig,
-                      model: ModelConfig, embedder: EmbeddingModel, cache_dir: str | None = None,
-                      progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                      near: tuple[tuple[float, float], float] | None = None,
-                      near_error: str = "No tile lies near the photo's GPS position.") -> FootprintSearch:
-    """Score the photo against the index of every size (built once per raster and size, then cached)
-    and keep the size whose best tile scores highest: a photo matches tiles of its own ground size
-    best, so the best score also says which size was right.
+def footprint_indexes(raster: str, footprints: list[float], *, tiling: TilingConfig, model: ModelConfig,
+                      embedder: EmbeddingModel, cache_dir: str | None = None, progress: ProgressFn | None = None,
+                      cancel: CancelFn | None = None) -> list[TileIndex]:
+    """The index of every size (built once per raster, size and model, then reused from the cache)."""
+    indexes = []
+    for i, fp in enumerate(footprints):
+        def sub(f: float, msg: str, i: int = i, fp: float = fp) -> None:
+            if progress:  # with several sizes say which one is being indexed
+                label = f"Footprint {fp:g} m ({i + 1} of {len(footprints)}): " if len(footprints) > 1 else ""
+                progress((i + f) / len(footprints), label + msg)
+
+        indexes.append(build_index(raster, replace(tiling, footprint_m=fp), model, cache_dir=cache_dir,
+                                   progress=sub, cancel=cancel, embedder=embedder))
+        if cancel and cancel():
+            raise Cancelled()
+    return indexes
+
+
+def best_footprint(indexes: list[TileIndex], queries: np.ndarray, *,
+                   near: tuple[tuple[float, float], float] | None = None,
+                   near_error: str = "No tile lies near the photo's GPS position.") -> FootprintSearch:
+    """Score the photo against the index of every size and keep the size whose best tile scores highest:
+    a photo matches tiles of its own ground size best, so the best score also points at the right size
+    (measured: bench part `footprint`).
 
     near: ((x, y), radius) in the raster's CRS: score only the tiles that close (InputError `near_error`
     when none is).
     """
     best: FootprintSearch | None = None
     tried: list[tuple[float, float]] = []
-    folders: list[str] = []
-    for i, fp in enumerate(footprints):
-        def sub(f: float, msg: str, i: int = i, fp: float = fp) -> None:
-            if progress:  # with several sizes say which one is being searched
-                label = f"Footprint {fp:g} m ({i + 1} of {len(footprints)}): " if len(footprints) > 1 else ""
-                progress((i + f) / len(footprints), label + msg)
-
-        idx = build_index(raster, replace(tiling, footprint_m=fp), model, cache_dir=cache_dir,
-                          progress=sub, cancel=cancel, embedder=embedder)
-        if cancel and cancel():
-            raise Cancelled()
+    folders = [str(idx.folder) for idx in indexes]
+    for idx in indexes:
+        fp = idx.grid.footprint_m
         scores = score_tiles(idx, queries)
         if near is not None:
             scores = scores.within(*near)
@@ -184,7 +192,6 @@ def search_footprints(raster: str, footprints: list[float], queries: np.ndarray,
                 raise InputError(near_error)
         log.info("footprint %.1f m: best score %.4f over %d tiles", fp, scores.best, idx.n_tiles)
         tried.append((fp, float(scores.best)))
-        folders.append(str(idx.folder))
         if best is None or scores.best > best.scores.best:
             best = FootprintSearch(fp, idx, scores, tried, folders)
     if best is None:  # choose_footprints always gives one size; an empty list is a bug
@@ -230,9 +237,10 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     near = None
     if prior_radius_m and gps is not None:
         near = (gps, prior_radius_m)
-    found = search_footprints(
-        raster, footprints, q, tiling=tiling, model=model, embedder=net, cache_dir=cache_dir,
-        progress=searching, cancel=cancel, near=near,
+    indexes = footprint_indexes(raster, footprints, tiling=tiling, model=model, embedder=net, cache_dir=cache_dir,
+                                progress=searching, cancel=cancel)
+    found = best_footprint(
+        indexes, q, near=near,
         near_error=f"No tile lies within {prior_radius_m or 0:g} m of {Path(photo).name}'s GPS position; "
                    "is it on this raster? Use a larger --prior-radius-m or none.")
     fp, idx, scores = found.footprint_m, found.index, found.scores

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from model_backend.core.atomic import atomic_path
-from model_backend.core.config import TilingConfig
+from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.core.requests import AdaptRequest
 from model_backend.geo.exif import load_photo, read_priors
@@ -44,7 +44,8 @@ from model_backend.learn.adapt.look import LOOKS, LookChoice, choose_look, fold_
 from model_backend.learn.adapt.train import TrainConfig, build_views, sample_tile_centres, train_head
 from model_backend.learn.labels import LabelSet, ResolvedLabel, read_labels, resolve_labels
 from model_backend.learn.versions import ModelRegistry
-from model_backend.locate.query import photo_queries, query_crops, score_tiles
+from model_backend.locate.pipeline import around, best_footprint, footprint_indexes
+from model_backend.locate.query import photo_queries, query_crops
 from model_backend.nn.cdiktnet import CDIKTNet, save_inference_weights
 from model_backend.nn.embedder import EmbeddingModel
 from model_backend.nn.weights import default_weights_path, read_weights
@@ -66,6 +67,8 @@ class AdaptConfig:
     seed: int = 0
     footprint_m: float | None = None
     """Tile footprint of the validation index; None = the labels' median ground size."""
+    footprint_tolerance: float = QueryConfig.footprint_tolerance
+    """Held-out photos are located as `locate` does: at the sizes around the footprint this allows."""
     rotations: int = 8
     max_rank: int = 50
     """Ranks are counted among this many distinct candidates; a true place not among them gets max_rank + 1."""
@@ -185,23 +188,26 @@ def split_holdout(labels: list[ResolvedLabel], config: AdaptConfig) -> tuple[lis
 def validation_figure(raster: str, labels: list[ResolvedLabel], net: EmbeddingModel, tiling: TilingConfig,
                       config: AdaptConfig, *, cache_dir: str | None = None, progress: ProgressFn | None = None,
                       cancel: CancelFn | None = None) -> tuple[ValidationFigure, str]:
-    """Rank of each photo's true place against the raster's tile index, as `locate` would query it.
+    """Rank of each photo's true place against the raster's tile indexes, as `locate` would query them.
 
-    The index is built (or reused) exactly as locate builds it; a photo with a heading in its EXIF
-    is queried north-up once, any other at `rotations` headings; candidates are distinct places
-    (NMS), and a candidate is the true place when its centre lies within one footprint of the label's.
+    The indexes are built (or reused) exactly as locate builds them, at the footprint and the sizes
+    around it (`config.footprint_tolerance`), and each photo is ranked on the size it matches best; a
+    photo with a heading in its EXIF is queried north-up once, any other at `rotations` headings;
+    candidates are distinct places (NMS), and a candidate is the true place when its centre lies within
+    one footprint of the label's.
     """
-    idx = build_index(raster, tiling, cache_dir=cache_dir, embedder=net, cancel=cancel,
-                      progress=_stage(progress, 0.0, 0.8))
+    sizes = around(tiling.footprint_m, config.footprint_tolerance, open_raster(raster))
+    indexes = footprint_indexes(raster, sizes, tiling=tiling, model=ModelConfig(), embedder=net,
+                                cache_dir=cache_dir, cancel=cancel, progress=_stage(progress, 0.0, 0.8))
     ranks = []
     for i, lb in enumerate(labels):
         _check_cancel(cancel)
         image = load_photo(str(lb.photo))
         q = photo_queries(net, image, read_priors(str(lb.photo)).yaw_deg, config.rotations)
-        ranks.append(true_rank(score_tiles(idx, q), lb, config.max_rank))
+        ranks.append(true_rank(best_footprint(indexes, q).scores, lb, config.max_rank))
         if progress:
             progress(0.8 + 0.2 * (i + 1) / len(labels), f"Checked {i + 1} of {len(labels)} held-out photos")
-    return ValidationFigure(ranks, config.max_rank), str(idx.folder)
+    return ValidationFigure(ranks, config.max_rank), str(indexes[sizes.index(tiling.footprint_m)].folder)
 
 
 def _check_out(out: str) -> Path:
