@@ -54,7 +54,8 @@ def main() -> int:
     print(f"Best match: lon {best.lon:.6f}, lat {best.lat:.6f}, score {best.score:.3f}; "
           f"{err:.1f} m from the true centre ({'within' if err <= FOOTPRINT_M else 'NOT within'} one footprint).")
     print(f"Heatmap:  {res.heatmap_path}\nMatches:  {res.geojson_path}\n          {res.gpkg_path}\nPicture:  {png}")
-    print(f"Took {res.seconds:.1f} s (index cached in {res.index_dir}).")
+    print(f"Footprint {res.footprint_note()}.")
+    print(f"Took {res.seconds:.1f} s (indexes cached in {Path(res.index_dir).parent}).")
     return 0
 
 

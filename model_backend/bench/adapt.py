@@ -64,14 +64,16 @@ def camera_look(path: Path) -> None:
 
 def make_labelled_photos(photo_raster: str | Path, map_raster: str | Path, n: int, footprint_m: float, seed: int,
                          folder: Path, size: tuple[int, int] = (640, 480),
-                         look: Callable[[Path], None] | None = None, label_factor: float = 1.0) -> Path:
+                         look: Callable[[Path], None] | None = None, label_factor: float = 1.0,
+                         margin_m: float | None = None) -> Path:
     """Simulate `n` photos from `photo_raster` (each then passed through `look`, if given), label each at its
     true footprint times `label_factor` (an analyst's guess of the ground size, e.g. 1.3: a third too large)
-    in the map's CRS; return the labels file."""
+    in the map's CRS; return the labels file. `margin_m`: keep each view this far inside the raster (a label
+    drawn larger than the photo must still lie on it)."""
     folder.mkdir(parents=True, exist_ok=True)
     crs = open_raster(str(map_raster)).crs_wkt
     labels = []
-    for i, view in enumerate(make_views(str(photo_raster), n, footprint_m, seed, size=size)):
+    for i, view in enumerate(make_views(str(photo_raster), n, footprint_m, seed, size=size, margin_m=margin_m)):
         path = folder / f"photo_{i:03d}.jpg"
         save_view(view, str(path))
         if look is not None:
@@ -88,7 +90,7 @@ def make_labelled_photos(photo_raster: str | Path, map_raster: str | Path, n: in
 def adapt_benchmark(*, case: str = "cross-year", seed: int = 0, n_train: int = 10, n_test: int = 100,
                     footprint_m: float = 400.0, year: int = 2020, config: AdaptConfig | None = None,
                     keep: str | None = None, weights: str | None = str(IMAGENET), map_year: int = 2015,
-                    footprint_factor: float = 1.0) -> dict[str, Any]:
+                    footprint_factor: float = 1.0, margin_m: float | None = None) -> dict[str, Any]:
     """Run one case of the floor benchmark once; returns before/after figures, the gain in points, wall and CPU
     seconds. `year`: the photos' NAIP year of the cross-year case; `map_year`: the map's.
     `footprint_factor`: the analyst's footprint guess as a multiple of the true one (labels drawn that size,
@@ -105,7 +107,7 @@ def adapt_benchmark(*, case: str = "cross-year", seed: int = 0, n_train: int = 1
     try:
         labels = make_labelled_photos(photo_raster, map_raster, n_train + n_test, footprint_m, 100 + seed,
                                       tmp / "photos", look=camera_look if case == "camera" else None,
-                                      label_factor=footprint_factor)
+                                      label_factor=footprint_factor, margin_m=margin_m)
         cfg = replace(config or AdaptConfig(), holdout_count=n_test, seed=seed)
         t0 = time.perf_counter()
         res = adapt(str(map_raster), str(labels), str(tmp / "adapted.safetensors"), weights, config=cfg,

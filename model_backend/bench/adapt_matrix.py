@@ -34,6 +34,10 @@ PAIRS = tuple((m, p) for m in YEARS for p in YEARS if m != p)
 """(map year, photo year): all six ordered pairs."""
 FACTORS = (1.0, 1.3)
 SEEDS = (0, 1, 2, 3, 4)
+FOOTPRINT_M = 400.0
+MARGIN_M = round(FOOTPRINT_M * 1.2 * (max(FACTORS) - 1.0) * 0.75)
+"""Views are kept this far inside the raster at every factor, so a label drawn x1.3 (of a view up to 1.2x
+the nominal size, at any heading) still lies on it, and every factor sees the same photos."""
 FLOOR_BEFORE = 0.45
 FLOOR_AFTER = 0.70
 
@@ -118,7 +122,7 @@ def run_matrix(*, seeds: Iterable[int] = SEEDS, factors: Iterable[float] = FACTO
             runs.append(done[key])
             continue
         r = adapt_benchmark(case="cross-year", seed=seed, year=p, map_year=m, footprint_factor=factor,
-                            weights=weights, n_test=n_test)
+                            weights=weights, n_test=n_test, footprint_m=FOOTPRINT_M, margin_m=MARGIN_M)
         if "adapt_skipped" in r:
             say(f"matrix   skipped: {r['adapt_skipped']}")
             return {"adapt_matrix_skipped": r["adapt_skipped"]}
