@@ -20,6 +20,7 @@ from typing import Any
 from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsRasterLayer
 
 from .engine_task import EngineTask
+from .settings import CdiktSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class LocateParams:
     verify: bool | None = None
     """None = verify when the photo looks down enough (the engine decides); False = never."""
     prior_radius_m: float | None = None
-    tolerance_pct: float = 30.0
+    tolerance_pct: float = CdiktSettings.DEFAULT_TOLERANCE_PCT
     """How far (%) the typed or EXIF footprint may be off (QueryConfig.footprint_tolerance x 100)."""
 
 

@@ -180,23 +180,20 @@ def best_footprint(indexes: list[TileIndex], queries: np.ndarray, *,
     near: ((x, y), radius) in the raster's CRS: score only the tiles that close (InputError `near_error`
     when none is).
     """
-    best: FootprintSearch | None = None
-    tried: list[tuple[float, float]] = []
-    folders = [str(idx.folder) for idx in indexes]
+    if not indexes:  # choose_footprints always gives one size; an empty list is a bug
+        raise RuntimeError("no footprint was searched")
+    scored: list[tuple[TileIndex, TileScores]] = []
     for idx in indexes:
-        fp = idx.grid.footprint_m
         scores = score_tiles(idx, queries)
         if near is not None:
             scores = scores.within(*near)
             if not scores.scored.any():
                 raise InputError(near_error)
-        log.info("footprint %.1f m: best score %.4f over %d tiles", fp, scores.best, idx.n_tiles)
-        tried.append((fp, float(scores.best)))
-        if best is None or scores.best > best.scores.best:
-            best = FootprintSearch(fp, idx, scores, tried, folders)
-    if best is None:  # choose_footprints always gives one size; an empty list is a bug
-        raise RuntimeError("no footprint was searched")
-    return best
+        log.info("footprint %.1f m: best score %.4f over %d tiles", idx.grid.footprint_m, scores.best, idx.n_tiles)
+        scored.append((idx, scores))
+    idx, scores = max(scored, key=lambda pair: pair[1].best)  # the first of equals, as before
+    tried = [(i.grid.footprint_m, float(sc.best)) for i, sc in scored]
+    return FootprintSearch(idx.grid.footprint_m, idx, scores, tried, [str(i.folder) for i in indexes])
 
 
 def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
