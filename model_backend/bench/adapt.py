@@ -36,6 +36,7 @@ from model_backend.core.paths import resources_dir
 from model_backend.geo.raster import open_raster
 from model_backend.learn.adapt import AdaptConfig, adapt
 from model_backend.learn.adapt.look import LOOKS
+from model_backend.learn.datasets.region import Region
 from model_backend.learn.datasets.synth import make_views, save_view
 from model_backend.learn.labels import Label, LabelSet, square_footprint, write_labels
 from model_backend.learn.versions import ModelRegistry
@@ -43,6 +44,9 @@ from model_backend.nn.weights import DEFAULT_WEIGHTS_NAME
 
 NAIP = {year: DATA / f"naip_northdakota_5m_{year}.tif" for year in (2010, 2015, 2020)}
 """The same 4.7 x 3.6 km area in three years: real seasonal and crop change, co-registered."""
+HELD_OUT_REGION = Region(0.6, 0.0, 1.0, 1.0)
+"""The eastern 40 % of the NAIP area. The shipped default is trained on the western 60 % of all three years
+(resources/models/train_rasters.txt), so every benchmark photo of this area is drawn, whole, from here."""
 MAP = NAIP[2015]
 PHOTO_RASTERS = {2010: NAIP[2010], 2020: NAIP[2020]}
 IMAGENET = resources_dir() / "weights" / DEFAULT_WEIGHTS_NAME
@@ -65,15 +69,16 @@ def camera_look(path: Path) -> None:
 def make_labelled_photos(photo_raster: str | Path, map_raster: str | Path, n: int, footprint_m: float, seed: int,
                          folder: Path, size: tuple[int, int] = (640, 480),
                          look: Callable[[Path], None] | None = None, label_factor: float = 1.0,
-                         margin_m: float | None = None) -> Path:
+                         margin_m: float | None = None, region: Region = HELD_OUT_REGION) -> Path:
     """Simulate `n` photos from `photo_raster` (each then passed through `look`, if given), label each at its
     true footprint times `label_factor` (an analyst's guess of the ground size, e.g. 1.3: a third too large)
     in the map's CRS; return the labels file. `margin_m`: keep each view this far inside the raster (a label
-    drawn larger than the photo must still lie on it)."""
+    drawn larger than the photo must still lie on it); `region`: the part of the raster photos come from."""
     folder.mkdir(parents=True, exist_ok=True)
     crs = open_raster(str(map_raster)).crs_wkt
     labels = []
-    for i, view in enumerate(make_views(str(photo_raster), n, footprint_m, seed, size=size, margin_m=margin_m)):
+    for i, view in enumerate(make_views(str(photo_raster), n, footprint_m, seed, size=size, margin_m=margin_m,
+                                          region=region)):
         path = folder / f"photo_{i:03d}.jpg"
         save_view(view, str(path))
         if look is not None:

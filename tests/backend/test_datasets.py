@@ -241,3 +241,18 @@ def test_raster_pair_dataset_items(rasters: list[str]) -> None:
     assert len(items) == 2 and items[1] == items[0] + 1
     with pytest.raises(InputError, match="smaller footprint"):
         sample_locations(rasters, 1, 500.0, seed=0)
+
+
+def test_grey_augmentation_shows_luminance_only_and_is_off_by_default() -> None:
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    grey = PairTransform(32, (0.5,) * 3, (0.25,) * 3, config=AugmentConfig(p_grey=1.0, p_dropout=0.0))
+    d, s = grey.augment(colour, colour, np.random.default_rng(1))
+    assert (d[..., 0] == d[..., 1]).all() and (s[..., 1] == s[..., 2]).all()
+    plain = PairTransform(32, (0.5,) * 3, (0.25,) * 3, config=AugmentConfig(p_dropout=0.0))
+    d, _ = plain.augment(colour, colour, np.random.default_rng(1))
+    assert not (d[..., 0] == d[..., 1]).all()
+    from model_backend.learn.training import TrainConfig
+
+    with pytest.raises(InputError, match="--grey is a probability"):
+        TrainConfig(layout="raster", data=".", grey=1.5).validate()

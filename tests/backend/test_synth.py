@@ -206,3 +206,23 @@ def test_save_view_writes_image_and_truth(tmp_path: Path, data_dir: Path) -> Non
     assert "RD_New" in truth["crs_wkt"] or "Amersfoort" in truth["crs_wkt"]
     lon, lat = truth["centre_lonlat"]
     assert 3 < lon < 8 and 50 < lat < 54
+
+
+def test_views_kept_inside_a_region(data_dir: Path) -> None:
+    """A spatial hold-out: every corner of every view lies in the eastern 40 %, none in the west."""
+    from model_backend.learn.datasets.region import Region
+
+    path = data_dir / "naip_northdakota_5m_2020.tif"
+    info = open_raster(str(path))
+    east = Region(0.6, 0.0, 1.0, 1.0)
+    views = make_views(str(path), 6, 400.0, seed=3, region=east, photometric=False, size=(160, 120))
+    cut = info.affine * (0.6 * info.width, 0.0)
+    for v in views:
+        xs = [x for x, _ in v.truth_polygon]
+        assert min(xs) >= cut[0] - 1e-6, (min(xs), cut[0])
+    with pytest.raises(InputError, match="region 0,0,0.05,1"):
+        make_views(str(path), 1, 400.0, seed=3, region=Region(0.0, 0.0, 0.05, 1.0))
+    with pytest.raises(InputError, match="four comma-separated"):
+        Region.parse("0,0,0.6")
+    with pytest.raises(InputError, match="0 <= x0 < x1"):
+        Region.parse("0.6,0,0.2,1")

@@ -26,6 +26,8 @@ from model_backend.bench.evaluate import embed_images
 from model_backend.bench.retrieval import evaluate_embeddings
 from model_backend.bench.training import training_throughput
 from model_backend.cli import main
+from model_backend.core.errors import InputError
+from model_backend.geo.raster import open_raster
 from model_backend.learn.datasets import write_sues200_layout, write_university_layout
 from model_backend.learn.training import TrainConfig, load_checkpoint, train
 from model_backend.learn.training.data import raster_entries, raster_locations
@@ -245,7 +247,7 @@ def test_raster_list_shares_labels_of_coregistered_rasters(data_dir: Path, tmp_p
     listing.write_text(f"# two years of one place (here: the same file twice)\n{colorado} 12\n{colorado}  12  # again\n"
                        f"{data_dir / 'manila_oam_0.10m.tif'}\n")
     entries = raster_entries(listing, 60.0)
-    assert [fp for _, fp in entries] == [12.0, 12.0, 60.0]
+    assert [e.footprint_m for e in entries] == [12.0, 12.0, 60.0]
     locs = raster_locations(entries, seed=0)
     twice = [loc for loc in locs if "colorado" in loc.group]
     assert twice and len({loc.label for loc in twice}) * 2 == len(twice)  # each place once per "year"
@@ -324,3 +326,19 @@ def test_default_weights_prefer_the_shipped_cdiktnet(tmp_path: Path, monkeypatch
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / model.DEFAULT_MODEL_NAME).write_bytes(b"")
     assert model.default_weights_path() == tmp_path / "models" / model.DEFAULT_MODEL_NAME
+
+
+def test_raster_list_region_trains_on_part_of_a_raster(data_dir: Path, tmp_path: Path) -> None:
+    """`region=` keeps every location's margin square (all a drone view sees) in that part of the raster."""
+    naip = data_dir / "naip_northdakota_5m_2015.tif"
+    listing = tmp_path / "rasters.txt"
+    listing.write_text(f"{naip} 400 region=0,0,0.6,1\n{naip} region=0.6,0,1,1 300\n")
+    west, east = raster_entries(listing, None)
+    assert (west.footprint_m, west.region.x1, east.footprint_m, east.region.x0) == (400.0, 0.6, 300.0, 0.6)
+    info = open_raster(str(naip))
+    cut = (info.affine * (0.6 * info.width, 0.0))[0]
+    locs = raster_locations([west], seed=0)
+    assert len(locs) > 20 and all(loc.cx + 0.8 * 400.0 <= cut + 5.0 for loc in locs)
+    listing.write_text(f"{naip} 400 region=0,0,1.5,1\n")
+    with pytest.raises(InputError, match=r"rasters.txt:1: Region"):
+        raster_entries(listing, None)

@@ -31,6 +31,7 @@ from model_backend.core.errors import InputError
 from model_backend.geo.raster import RasterInfo, dataset_mask, ground_resolution, open_raster
 from model_backend.geo.reader import FILL_RGB, Stretch, compute_stretch
 from model_backend.learn.datasets.common import ImageRecord
+from model_backend.learn.datasets.region import WHOLE, Region
 from model_backend.learn.datasets.synth import PHOTO_RANGES, SyntheticView, ViewSpec, render_view
 from model_backend.learn.datasets.transforms import PairTransform
 
@@ -134,8 +135,10 @@ def satellite_crop(raster: str, cx: float, cy: float, footprint_m: float, size: 
     return np.ascontiguousarray(rgb, dtype=np.uint8), float(valid.mean())
 
 
-def _area_ok(ds: rasterio.io.DatasetReader, info: RasterInfo, win: Window, min_valid: float) -> bool:
-    if not _inside(info, win):
+def _area_ok(ds: rasterio.io.DatasetReader, info: RasterInfo, win: Window, min_valid: float,
+             region: Region = WHOLE) -> bool:
+    if not _inside(info, win) or not region.holds(info.width, info.height, win.col_off, win.row_off,
+                                                   win.col_off + win.width, win.row_off + win.height):
         return False
     side = max(8, min(64, int(max(win.width, win.height))))
     return float(_valid(ds, info, win, (side, side)).mean()) >= min_valid
@@ -143,7 +146,8 @@ def _area_ok(ds: rasterio.io.DatasetReader, info: RasterInfo, win: Window, min_v
 
 def sample_locations(rasters: Sequence[str | Path], n: int | None, footprint_m: float, seed: int, *,
                      mode: str = "random", margin: float = 1.6, separation: float = 1.0, min_valid: float = 0.995,
-                     grid_step_m: float | None = None, max_tries: int = 400) -> list[PairLocation]:
+                     grid_step_m: float | None = None, max_tries: int = 400,
+                     region: Region = WHOLE) -> list[PairLocation]:
     """Location centres over one or more rasters, skipping nodata, deterministic for a seed.
 
     The square of side `margin x footprint_m` around a centre must be inside the raster and valid,
@@ -152,6 +156,7 @@ def sample_locations(rasters: Sequence[str | Path], n: int | None, footprint_m: 
     `separation x footprint_m` apart (Chebyshev) so two locations never share their tile;
     `mode="grid"`: every valid centre of a grid with step `grid_step_m` (default the footprint),
     or a seeded subset of `n` of them. Rasters too small for the margin square are skipped.
+    `region`: the margin square must also lie in that part of each raster (a spatial hold-out).
     """
     if footprint_m <= 0 or margin < 1.0:
         raise InputError(f"Footprint must be positive and margin >= 1, got {footprint_m} and {margin}.")
@@ -169,8 +174,9 @@ def sample_locations(rasters: Sequence[str | Path], n: int | None, footprint_m: 
     for k, info in enumerate(usable):
         want = None if n is None else n // len(usable) + (1 if k < n % len(usable) else 0)
         with rasterio.open(info.path) as ds:
-            found += _grid(ds, info, footprint_m, margin, min_valid, grid_step_m, want, rng) if mode == "grid" \
-                else _random(ds, info, footprint_m, margin, min_valid, separation, want or 0, rng, max_tries)
+            found += _grid(ds, info, footprint_m, margin, min_valid, grid_step_m, want, rng, region) \
+                if mode == "grid" else \
+                _random(ds, info, footprint_m, margin, min_valid, separation, want or 0, rng, max_tries, region)
     if n is not None and len(found) < n:
         raise InputError(f"Only {len(found)} of {n} locations of {footprint_m:g} m fit the rasters' valid data; "
                          "use a smaller footprint, fewer locations or more rasters.")
@@ -191,7 +197,7 @@ def _margin_window(info: RasterInfo, win: Window, margin: float) -> Window:
     return Window(math.floor(cx - mw / 2.0), math.floor(cy - mh / 2.0), math.ceil(mw), math.ceil(mh))
 
 
-def _random(ds, info, footprint_m, margin, min_valid, separation, want, rng, max_tries):
+def _random(ds, info, footprint_m, margin, min_valid, separation, want, rng, max_tries, region=WHOLE):
     out: list[tuple[RasterInfo, float, float]] = []
     pix: list[tuple[float, float, float]] = []
     for _ in range(max_tries * max(want, 1)):
@@ -201,19 +207,19 @@ def _random(ds, info, footprint_m, margin, min_valid, separation, want, rng, max
         c = (win.col_off + win.width / 2.0, win.row_off + win.height / 2.0)
         if any(max(abs(c[0] - a), abs(c[1] - b)) < separation * s for a, b, s in pix):
             continue
-        if _area_ok(ds, info, _margin_window(info, win, margin), min_valid):
+        if _area_ok(ds, info, _margin_window(info, win, margin), min_valid, region):
             out.append((info, sx, sy))
             pix.append((c[0], c[1], float(max(win.width, win.height))))
     return out
 
 
-def _grid(ds, info, footprint_m, margin, min_valid, step_m, want, rng):
+def _grid(ds, info, footprint_m, margin, min_valid, step_m, want, rng, region=WHOLE):
     step_x, step_y = (step_m or footprint_m) / info.gsd_x_m, (step_m or footprint_m) / info.gsd_y_m
     out = []
     for py in np.arange(step_y / 2.0, info.height, step_y):
         for px in np.arange(step_x / 2.0, info.width, step_x):
             sx, sy, win = _snap(info, float(px), float(py), footprint_m)
-            if _area_ok(ds, info, _margin_window(info, win, margin), min_valid):
+            if _area_ok(ds, info, _margin_window(info, win, margin), min_valid, region):
                 out.append((info, sx, sy))
     if want is not None and len(out) > want:
         out = [out[i] for i in sorted(rng.permutation(len(out))[:want])]

@@ -34,6 +34,7 @@ from model_backend.core.errors import InputError
 from model_backend.geo.geodesy import GEOD, to_wgs84
 from model_backend.geo.raster import RasterInfo, dataset_mask, open_raster
 from model_backend.geo.reader import Stretch, compute_stretch
+from model_backend.learn.datasets.region import WHOLE, Region
 
 DIAG_FOV_DEG = 84.0
 """Diagonal field of view of the simulated camera: that of most DJI survey cameras (24 mm eq.).
@@ -124,22 +125,26 @@ def make_views(raster_path: str, n: int, footprint_m: float, seed: int, *,
 def random_spec(rng: np.random.Generator, info: RasterInfo, footprint_m: float, *, max_tilt_deg: float = 30.0,
                 scale_range: tuple[float, float] = (0.8, 1.2), margin_m: float | None = None,
                 photometric: bool = True, size: tuple[int, int] = (640, 480), max_tries: int = 200,
-                dataset: rasterio.io.DatasetReader | None = None) -> ViewSpec:
+                dataset: rasterio.io.DatasetReader | None = None, region: Region = WHOLE) -> ViewSpec:
     """Draw a view whose whole footprint lies inside the raster, on valid data, at any heading.
 
     The tilt mostly looks forward (a gimbal pitched ahead) with some sideways spread (roll,
     wind). Centres are uniform over the positions where the view fits; a draw whose view leaves
     the raster or touches nodata/alpha=0 is redrawn whole (so a steep tilt that cannot fit a
     small raster gives way to a smaller one instead of failing), and tests and training never
-    see fill pixels. `dataset` lets a caller drawing many views reuse one open handle.
+    see fill pixels. `dataset` lets a caller drawing many views reuse one open handle. `region`: the
+    whole view (not only its centre) stays inside that part of the raster, e.g. the part a model was
+    not trained on.
     """
     a = info.affine
     ccol, crow = info.width / 2.0, info.height / 2.0
     pad = 1.0 + (margin_m or 0.0) / min(info.gsd_x_m, info.gsd_y_m)
+    c0, r0, c1, r1 = region.pixels(info.width, info.height)
     smallest = _quad_px(info, ViewSpec(*(a * (ccol, crow)), footprint_m, scale=min(scale_range)), size)
-    if np.ptp(smallest[:, 0]) + 2 * pad >= info.width or np.ptp(smallest[:, 1]) + 2 * pad >= info.height:
-        raise InputError(f"A {footprint_m:g} m view does not fit in the raster ({info.width_m:.0f} x "
-                         f"{info.height_m:.0f} m); use a smaller footprint.")
+    if np.ptp(smallest[:, 0]) + 2 * pad >= c1 - c0 or np.ptp(smallest[:, 1]) + 2 * pad >= r1 - r0:
+        where = "the raster" if region == WHOLE else f"the raster's region {region.text()}"
+        raise InputError(f"A {footprint_m:g} m view does not fit in {where} ({info.width_m:.0f} x "
+                         f"{info.height_m:.0f} m raster); use a smaller footprint.")
     ds = dataset if dataset is not None else rasterio.open(info.path)
     try:
         for _ in range(max_tries):
@@ -154,13 +159,14 @@ def random_spec(rng: np.random.Generator, info: RasterInfo, footprint_m: float, 
             # Offsets of the view around its centre barely change across the raster: fit them first.
             quad = _quad_px(info, ViewSpec(*(a * (ccol, crow)), footprint_m, *geometry), size) - (ccol, crow)
             (lx, ly), (hx, hy) = quad.min(0), quad.max(0)
-            x0, x1, y0, y1 = -lx + pad, info.width - hx - pad, -ly + pad, info.height - hy - pad
+            x0, x1, y0, y1 = c0 - lx + pad, c1 - hx - pad, r0 - ly + pad, r1 - hy - pad
             if x0 >= x1 or y0 >= y1:
                 continue
             px, py = rng.uniform(x0, x1), rng.uniform(y0, y1)
             spec = ViewSpec(*(a * (px, py)), footprint_m, *geometry, **photo)
             q = _quad_px(info, spec, size)
-            if q.min() < 0 or (q[:, 0] > info.width).any() or (q[:, 1] > info.height).any():
+            if q.min() < 0 or (q[:, 0] > info.width).any() or (q[:, 1] > info.height).any() \
+                    or not region.holds(info.width, info.height, *q.min(0), *q.max(0)):
                 continue
             if _quad_valid(ds, info, q):
                 return spec

@@ -47,6 +47,9 @@ class AugmentConfig:
     """Side of each hole as a fraction of the image side."""
     p_jpeg: float = 0.3
     jpeg_quality: tuple[int, int] = (40, 95)
+    p_grey: float = 0.0
+    """Chance that an image is shown as its luminance only: across years a field's colour changes while its
+    shape stays, and a model shown grey views learns to lean on shape. 0 draws nothing (old runs replay)."""
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -101,7 +104,7 @@ def _hue(img: Image.Image, deg: float) -> Image.Image:
 
 
 def photometric(img: Image.Image, rng: np.random.Generator, cfg: AugmentConfig) -> Image.Image:
-    """Exposure, contrast, saturation, white balance, focus and compression, each drawn independently."""
+    """Exposure, contrast, saturation, white balance, focus, compression and grey, each drawn independently."""
     for enhance, amount in ((ImageEnhance.Brightness, cfg.brightness), (ImageEnhance.Contrast, cfg.contrast),
                             (ImageEnhance.Color, cfg.saturation)):
         if amount > 0:
@@ -117,6 +120,8 @@ def photometric(img: Image.Image, rng: np.random.Generator, cfg: AugmentConfig) 
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
         img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if cfg.p_grey > 0 and rng.random() < cfg.p_grey:
+        img = img.convert("L").convert("RGB")
     return img
 
 

@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--footprint-m", type=float, help="raster: ground size of a location (default: per raster)")
     p.add_argument("--locations", type=int, help="raster: number of locations (default: a grid over each raster)")
     p.add_argument("--views-per-location", type=int, default=8, help="raster: drone views per location and epoch")
+    p.add_argument("--grey", type=float, default=0.0,
+                   help="chance (0-1) that a training image is shown in grey: shape over colour, for other seasons")
     p.add_argument("--height", type=int, help="sues200: flight height 150 | 200 | 250 | 300")
     p.add_argument("--freeze-blocks", type=int, default=0, help="leading backbone blocks kept frozen")
     p.add_argument("--cdts-epochs", type=int, default=4)
@@ -61,7 +63,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale, seed=args.seed,
         device=args.device, amp=args.amp, input_size=args.input_size, footprint_m=args.footprint_m,
         height=args.height, freeze_blocks=args.freeze_blocks, locations=args.locations,
-        views_per_location=args.views_per_location, cdts_epochs=args.cdts_epochs, cdts_iters=args.cdts_iters,
+        views_per_location=args.views_per_location, grey=args.grey, cdts_epochs=args.cdts_epochs,
+        cdts_iters=args.cdts_iters,
         checkpoint_every=args.checkpoint_every, resume=args.resume, workers=args.workers, log_every=args.log_every)
 
 

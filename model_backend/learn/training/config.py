@@ -18,7 +18,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 RESUME_KEYS = ("layout", "mode", "paired_fraction", "paired_unit", "backbone", "epochs", "steps", "batch_size", "lr",
                "backbone_lr_scale", "weight_decay", "warmup_epochs", "seed", "input_size", "footprint_m", "height",
                "freeze_blocks", "locations", "views_per_location", "cdts_epochs", "cdts_iters", "cdts_lr_scale",
-               "cdts_k1", "shared_from_epoch", "alignment_weight", "ce_weight", "grid_step")
+               "cdts_k1", "shared_from_epoch", "alignment_weight", "ce_weight", "grid_step", "grey")
 """Fields that must agree between a checkpoint and the command resuming it; paths, device and logging may differ."""
 
 
@@ -66,6 +66,8 @@ class TrainConfig:
     """raster: grid step between locations as a fraction of the footprint (< 1 overlaps neighbours)."""
     views_per_location: int = 8
     """raster: simulated drone views per location and epoch (fresh cameras each epoch)."""
+    grey: float = 0.0
+    """Chance that a training image (each view of a pair drawn alone) is shown in grey: shape over colour."""
     cdts_epochs: int = 4
     cdts_iters: int | None = None
     """CDTS steps per epoch (DMNIL: 400); default one pass over the clustered drone images."""
@@ -120,6 +122,8 @@ class TrainConfig:
             raise InputError("--batch-size must be at least 2: each pair's negatives are the batch's other pairs.")
         if self.amp not in AMP_MODES:
             raise InputError(f"Unknown --amp {self.amp!r}; use one of {', '.join(AMP_MODES)}.")
+        if not 0.0 <= self.grey <= 1.0:
+            raise InputError(f"--grey is a probability between 0 and 1, got {self.grey}.")
         if self.freeze_blocks < 0 or self.cdts_epochs < 0:
             raise InputError("--freeze-blocks and --cdts-epochs cannot be negative.")
         if self.layout == "sues200" and self.height is None:

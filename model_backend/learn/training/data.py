@@ -9,9 +9,11 @@ a resumed run, or one with more DataLoader workers, sees exactly the same images
 
 Rasters: `--data` is a raster, a folder of rasters, or a text file with one raster per line and
 an optional footprint in metres after it ("naip_2015.tif 600"; '#' starts a comment; relative
-paths are relative to the list file). Locations are a grid over each raster; co-registered rasters
-(the same area in several years) share a location's label, and a pair may take its satellite tile
-from another year than its drone view, so the model learns that seasons do not move places.
+paths are relative to the list file), and optionally `region=x0,y0,x1,y1` (fractions of the raster
+from its top-left: only that part is trained on, so the rest can measure the model honestly).
+Locations are a grid over each raster; co-registered rasters (the same area in several years)
+share a location's label, and a pair may take its satellite tile from another year than its drone
+view, so the model learns that seasons do not move places.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ from model_backend.geo.raster import open_raster
 from model_backend.learn.datasets import PairedDataset, PairTransform, load_rgb, read_layout, to_model_input
 from model_backend.learn.datasets.common import ImageRecord
 from model_backend.learn.datasets.raster_pairs import PairLocation, render_drone, sample_locations, satellite_crop
+from model_backend.learn.datasets.region import WHOLE, Region
 from model_backend.learn.datasets.transforms import to_tensor
 
 log = logging.getLogger(__name__)
@@ -173,16 +177,24 @@ def auto_footprint(path: str) -> float:
     return float(min(max(50.0, 96 * gsd), min(info.width_m, info.height_m) / 2.0))
 
 
-def raster_entries(data: str | Path, footprint_m: float | None) -> list[tuple[str, float]]:
-    """(raster path, footprint) for a raster file, a folder of rasters, or a list file (see module doc)."""
+class RasterEntry(NamedTuple):
+    """One raster to train on: its path, location footprint and the part of it that may be used."""
+
+    path: str
+    footprint_m: float
+    region: Region = WHOLE
+
+
+def raster_entries(data: str | Path, footprint_m: float | None) -> list[RasterEntry]:
+    """Rasters to train on from a raster file, a folder of rasters, or a list file (see module doc)."""
     p = Path(data)
     if p.is_dir():
         paths = sorted(str(q) for q in p.iterdir() if q.suffix.lower() in RASTER_SUFFIXES and q.is_file())
         if not paths:
             raise InputError(f"{p} holds no rasters ({', '.join(RASTER_SUFFIXES)}); check --data.")
-        entries: list[tuple[str, float | None]] = [(q, footprint_m) for q in paths]
+        entries: list[tuple[str, float | None, Region]] = [(q, footprint_m, WHOLE) for q in paths]
     elif p.suffix.lower() in RASTER_SUFFIXES:
-        entries = [(str(p), footprint_m)]
+        entries = [(str(p), footprint_m, WHOLE)]
     else:
         entries = []
         try:
@@ -194,28 +206,37 @@ def raster_entries(data: str | Path, footprint_m: float | None) -> list[tuple[st
             if not parts:
                 continue
             path = Path(parts[0]) if Path(parts[0]).is_absolute() else p.parent / parts[0]
+            region, rest = WHOLE, []
+            for part in parts[1:]:
+                if part.startswith("region="):
+                    try:
+                        region = Region.parse(part.removeprefix("region="))
+                    except InputError as exc:
+                        raise InputError(f"{p}:{n}: {exc}") from None
+                else:
+                    rest.append(part)
             try:
-                fp = float(parts[1]) if len(parts) > 1 else footprint_m
+                fp = float(rest[0]) if rest else footprint_m
             except ValueError:
-                raise InputError(f"{p}:{n}: footprint {parts[1]!r} is not a number of metres.") from None
+                raise InputError(f"{p}:{n}: footprint {rest[0]!r} is not a number of metres.") from None
             if not path.is_file():
                 raise InputError(f"{p}:{n}: raster {path} not found.")
-            entries.append((str(path), fp))
+            entries.append((str(path), fp, region))
         if not entries:
             raise InputError(f"{p} lists no rasters; write one raster path per line.")
-    return [(path, float(fp) if fp else auto_footprint(path)) for path, fp in entries]
+    return [RasterEntry(path, float(fp) if fp else auto_footprint(path), region) for path, fp, region in entries]
 
 
-def raster_locations(entries: Sequence[tuple[str, float]], seed: int, grid_step: float = 0.75,
+def raster_locations(entries: Sequence[RasterEntry], seed: int, grid_step: float = 0.75,
                      n_locations: int | None = None) -> list[PairLocation]:
     """A grid of locations over every raster; co-registered rasters share labels; dense labels 0..L-1.
 
     With `n_locations`, a seeded subset of that many labels (all rasters of a shared label kept).
     """
     found: list[PairLocation] = []
-    for path, fp in entries:
+    for path, fp, region in entries:
         try:
-            found += sample_locations([path], None, fp, seed, mode="grid", grid_step_m=grid_step * fp)
+            found += sample_locations([path], None, fp, seed, mode="grid", grid_step_m=grid_step * fp, region=region)
         except InputError as exc:
             log.warning("Skipping %s: %s", Path(path).name, exc)
     if not found:

@@ -20,7 +20,7 @@ import torch
 
 from model_backend.core.atomic import atomic_path
 from model_backend.core.errors import InputError
-from model_backend.learn.datasets import PairTransform, split_paired
+from model_backend.learn.datasets import AugmentConfig, PairTransform, split_paired
 from model_backend.learn.training.checkpoint import FORMAT, load_checkpoint, seed_everything
 from model_backend.learn.training.config import TrainConfig
 from model_backend.learn.training.data import (
@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> TrainResult:
         model.set_n_classes(int(resume["n_classes"]))
         model.load_state_dict(resume["model"])
     bb = model.backbone
-    transform = PairTransform(size, bb.mean, bb.std, train=True)
+    transform = PairTransform(size, bb.mean, bb.std, train=True, config=AugmentConfig(p_grey=cfg.grey))
     if data.pairs is not None:
         _set_transform(data.pairs, transform)
     frozen = freeze_blocks(bb, cfg.freeze_blocks) if cfg.freeze_blocks else []
