@@ -29,7 +29,7 @@ from model_backend.core.config import (
     TilingConfig,
 )
 from model_backend.core.errors import Cancelled, CdiktError
-from model_backend.core.requests import AdaptRequest, IndexRequest, LocateRequest
+from model_backend.core.requests import AdaptRequest, FlightRequest, IndexRequest, LocateRequest
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -64,6 +64,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     _verbose(p)
 
 
+def _locate_options(p: argparse.ArgumentParser) -> None:
+    """Options of `locate` and `locate-flight`: one set, so a flight is located exactly as its photos are."""
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--footprint-m", type=float,
+                   help="ground size of the photo's short side in metres (default: EXIF, else a scale search)")
+    p.add_argument("--footprint-tolerance", type=float, default=QueryConfig.footprint_tolerance,
+                   help="how far the footprint given (or EXIF's) may be off, as a fraction: the sizes /(1+t), x1 "
+                        "and x(1+t) are searched and the best is used (default %(default)s; 0: the given size only)")
+    p.add_argument("--top-k", type=int, default=QueryConfig.top_k)
+    p.add_argument("--rotations", type=int, default=QueryConfig.rotations,
+                   help="headings tried for photos of unknown heading")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="match local features to refine the footprint (default: when the photo looks down "
+                        "within 30 degrees of nadir, or its pitch is unknown)")
+    p.add_argument("--prior-radius-m", type=float,
+                   help="score only tiles within this many metres of the photo's GPS position (EXIF)")
+    _common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m model_backend",
                                  description="Locate drone photos on a georeferenced raster (CDIKTNet engine).")
@@ -81,21 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("locate", help="find where photos were taken; writes heatmaps and matches")
     p.add_argument("raster")
     p.add_argument("photos", nargs="+", metavar="PHOTO")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--footprint-m", type=float,
-                   help="ground size of the photo's short side in metres (default: EXIF, else a scale search)")
-    p.add_argument("--footprint-tolerance", type=float, default=QueryConfig.footprint_tolerance,
-                   help="how far the footprint given (or EXIF's) may be off, as a fraction: the sizes /(1+t), x1 "
-                        "and x(1+t) are searched and the best is used (default %(default)s; 0: the given size only)")
-    p.add_argument("--top-k", type=int, default=QueryConfig.top_k)
-    p.add_argument("--rotations", type=int, default=QueryConfig.rotations,
-                   help="headings tried for photos of unknown heading")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                   help="match local features to refine the footprint (default: when the photo looks down "
-                        "within 30 degrees of nadir, or its pitch is unknown)")
-    p.add_argument("--prior-radius-m", type=float,
-                   help="score only tiles within this many metres of the photo's GPS position (EXIF)")
-    _common(p)
+    _locate_options(p)
+
+    p = sub.add_parser("locate-flight", help="locate a flight's photos together: a track through their matches")
+    p.add_argument("raster")
+    p.add_argument("photos", nargs="+", metavar="FOLDER|PHOTO", help="the flight's folder and/or its photos")
+    _locate_options(p)
+    p.add_argument("--states", type=int, default=100,
+                   help="best tiles per photo (besides its candidates) the track may choose among "
+                        "(default %(default)s)")
+    p.add_argument("--max-speed", type=float, default=20.0, metavar="M_PER_S",
+                   help="fastest ground speed between photos (default %(default)s m/s)")
+    p.add_argument("--interval-s", type=float, default=3.0,
+                   help="seconds between photos when they carry no time (ordered by name; default %(default)s)")
+    p.add_argument("--no-gps", dest="use_gps", action="store_false",
+                   help="do not use the photos' GPS positions as a prior")
+    p.add_argument("--no-motion", dest="motion", action="store_false",
+                   help="do not match consecutive photos to measure the moves between them (faster, weaker)")
+    p.add_argument("--log", help="flight log CSV (UAV-VisLoc columns: filename, date, lat, lon, height, Phi1)")
 
     p = sub.add_parser("evaluate", help="benchmark retrieval (R@1/5/10, AP) on University-1652 or SUES-200")
     p.add_argument("--layout", required=True, help="university1652 or sues200")
@@ -217,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cache(args)
         if args.command == "index":
             return _index(args, model)
+        if args.command == "locate-flight":
+            return _locate_flight(args, model)
         return _locate(args, model)
     except Cancelled as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -316,11 +340,11 @@ def _index_sharded(args: argparse.Namespace, tiling: TilingConfig, model: ModelC
     return 0
 
 
-def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
+def _locate_checks(args: argparse.Namespace) -> tuple[TilingConfig, QueryConfig]:
+    """Everything `locate` and `locate-flight` can check without the model (or torch) fails first, in a second."""
     from model_backend.geo.raster import open_raster
     from model_backend.geo.tiling import cells_per_tile, make_grid
 
-    # Everything checkable without the model (and without importing torch) fails first, in a second.
     if args.footprint_m is not None and args.footprint_m <= 0:
         raise_user(f"--footprint-m must be positive, got {args.footprint_m}.")
     if not 0.0 <= args.footprint_tolerance <= 1.0:  # also refuses nan
@@ -332,6 +356,39 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
     cells_per_tile(args.stride)
     if args.footprint_m is not None:
         make_grid(info, replace(tiling, footprint_m=args.footprint_m))  # too large, too small, too many tiles
+    return tiling, QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m,
+                               footprint_tolerance=args.footprint_tolerance)
+
+
+def _locate_flight(args: argparse.Namespace, model: ModelConfig) -> int:
+    """One JSON line per photo, in flight order (best_* = the track's choice), then a summary line."""
+    tiling, query = _locate_checks(args)
+    request = FlightRequest(args.raster, tuple(args.photos), args.out, tiling=tiling, query=query, model=model,
+                            cache_dir=args.cache_dir, verify=args.verify, prior_radius_m=args.prior_radius_m,
+                            states=args.states, max_speed_m_s=args.max_speed, interval_s=args.interval_s,
+                            use_gps=args.use_gps, motion=args.motion, log=args.log)
+    from model_backend.locate.flight.order import list_photos
+
+    list_photos(list(args.photos))  # no photos at all: fail before torch
+    if args.log and not Path(args.log).is_file():
+        raise_user(f"Flight log not found: {args.log}. Check --log.")
+
+    from model_backend.locate.flight.run import locate_flight
+
+    res = locate_flight(request, progress=_progress(args.verbose))
+    for message in res.failed:
+        print(f"error: {message}", file=sys.stderr)
+    for line in res.lines:
+        print(json.dumps(line), flush=True)
+    flagged = sum(line["flag"] == "outlier" for line in res.lines)
+    print(json.dumps({"flight": len(res.lines), "order": res.order_source, "outliers": flagged,
+                      "failed": len(res.failed), "reused": res.reused, "gpkg": res.gpkg_path, "csv": res.csv_path,
+                      "seconds": round(res.seconds, 2), "decode_seconds": round(res.decode_seconds, 4)}), flush=True)
+    return EXIT_USER_ERROR if res.failed else 0
+
+
+def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
+    tiling, query = _locate_checks(args)
     failures = 0
     photos = []
     for photo in args.photos:
@@ -353,9 +410,7 @@ def _locate(args: argparse.Namespace, model: ModelConfig) -> int:
 
     net = EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
     base = LocateRequest(args.raster, "", args.out, tiling=tiling, model=model, cache_dir=args.cache_dir,
-                         query=QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m,
-                                           footprint_tolerance=args.footprint_tolerance),
-                         verify=args.verify, prior_radius_m=args.prior_radius_m)
+                         query=query, verify=args.verify, prior_radius_m=args.prior_radius_m)
     for photo, name in zip(photos, output_names(photos)):  # two DJI_0001.JPG of two flights: two sets
         try:
             res = locate(replace(base, photo=photo, out_name=name), progress=_progress(args.verbose), embedder=net)

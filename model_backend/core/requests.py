@@ -44,6 +44,47 @@ class LocateRequest:
 
 
 @dataclass(frozen=True)
+class FlightRequest:
+    """Locate a flight: every photo as `LocateRequest` does, then the sequence decoded as one track.
+
+    Outputs go to `out_dir`: each photo's locate files, `flight.gpkg` (layers track and photos) and
+    `flight.csv`. A photo already located there with the same raster, model and settings is reused,
+    so a cancelled or failed run resumes where it stopped.
+    """
+
+    raster: str
+    sources: tuple[str, ...]
+    """The flight's folder(s) and/or photo files."""
+    out_dir: str
+    tiling: TilingConfig = TilingConfig()
+    query: QueryConfig = QueryConfig()
+    model: ModelConfig = ModelConfig()
+    cache_dir: str | None = None
+    verify: bool | None = None
+    prior_radius_m: float | None = None
+    states: int = 100
+    """Best tiles per photo (besides its candidates) the track may choose among."""
+    max_speed_m_s: float = 20.0
+    """Fastest ground speed between photos the track allows."""
+    interval_s: float = 3.0
+    """Time between photos assumed when they carry no timestamps (ordered by name)."""
+    use_gps: bool = True
+    """Photos' GPS positions (EXIF or the log) as a prior in the decoding."""
+    motion: bool = True
+    """Match each photo with the one before to measure the move between them (about 0.2 s a photo)."""
+    log: str | None = None
+    """A flight log CSV (UAV-VisLoc columns: filename, date, lat, lon, height, Phi1) overriding EXIF."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise InputError("A flight needs its photos: give a folder or photo files.")
+        if not 1 <= self.states <= 1000:
+            raise InputError(f"Places per photo for the track (states) must be 1-1000, got {self.states}.")
+        if not (self.max_speed_m_s > 0 and self.interval_s > 0):
+            raise InputError("The flight's top speed and photo interval must be positive.")
+
+
+@dataclass(frozen=True)
 class IndexRequest:
     """Embed every tile of a raster once (reused from the cache when it exists)."""
 

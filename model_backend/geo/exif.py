@@ -18,6 +18,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,9 @@ class PhotoPriors:
     """DJI convention: -90 looks straight down."""
     make: str | None = None
     model: str | None = None
+    taken_s: float | None = None
+    """When it was taken, seconds since 1970 reading the camera's clock as UTC (only differences between
+    photos of one flight mean anything): EXIF DateTimeOriginal (+ sub-seconds), else DateTime, or a log's."""
 
     def ground_width_m(self, altitude_m: float | None = None) -> float | None:
         """Ground covered by the sensor's width (its long side) at nadir: altitude x sensor / focal.
@@ -128,7 +132,7 @@ def read_priors(path: str) -> PhotoPriors:
         return PhotoPriors()
     xmp = _read_xmp(path)
     fields: dict = {}
-    for fn in (_gps, _camera, _xmp_fields):
+    for fn in (_gps, _camera, _xmp_fields, _time):
         try:
             fields.update(fn(exif, xmp, size))
         except METADATA_ERRORS as exc:  # one broken block must not lose the others
@@ -236,6 +240,7 @@ def read_visloc_log(csv_path: str) -> dict[str, PhotoPriors]:
                 out[name] = PhotoPriors(
                     lat=_valid_lat(_num(r.get("lat"))), lon=_valid_lon(_num(r.get("lon"))),
                     relative_altitude_m=_num(r.get("height")), yaw_deg=None if yaw is None else yaw % 360.0,
+                    taken_s=parse_time(r.get("date")),
                 )
     except (UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{p.name} is not a readable CSV flight log ({type(e).__name__}).") from None
@@ -299,6 +304,43 @@ def _gps(exif: Image.Exif | None, xmp: str, size: tuple[int, int]) -> dict:
     if alt is not None and _num(gps.get(5)) == 1:  # GPSAltitudeRef 1 = below sea level
         alt = -alt
     return {"lat": lat, "lon": lon, "altitude_m": alt}
+
+
+_TAG_DATETIME, _TAG_DATETIME_ORIGINAL, _TAG_SUBSEC_ORIGINAL = 306, 36867, 37521
+
+
+def parse_time(text: object, subsec: object = None) -> float | None:
+    """Seconds since 1970 from an EXIF 'YYYY:MM:DD HH:MM:SS' or an ISO 8601 time (naive: read as UTC)."""
+    t = _text(text)
+    if not t:
+        return None
+    t = t.replace("Z", "+00:00")
+    for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"):
+        try:
+            when = datetime.strptime(t[:19], fmt)
+            break
+        except ValueError:
+            continue
+    else:
+        try:
+            when = datetime.fromisoformat(t)
+        except ValueError:
+            return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = when.timestamp()
+    frac = _text(subsec)
+    if frac and frac.strip().isdigit():
+        seconds += float("0." + frac.strip())
+    return seconds
+
+
+def _time(exif: Image.Exif | None, xmp: str, size: tuple[int, int]) -> dict:
+    if exif is None:
+        return {}
+    sub = exif.get_ifd(_EXIF_IFD)
+    taken = parse_time(sub.get(_TAG_DATETIME_ORIGINAL), sub.get(_TAG_SUBSEC_ORIGINAL))
+    return {"taken_s": taken if taken is not None else parse_time(exif.get(_TAG_DATETIME))}
 
 
 def _camera(exif: Image.Exif | None, xmp: str, size: tuple[int, int]) -> dict:

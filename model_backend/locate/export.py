@@ -213,7 +213,7 @@ def gdal_exceptions() -> Iterator[None]:
             ogr.DontUseExceptions()
 
 
-def _ogr_field(name: str, kind: type) -> Any:
+def ogr_field(name: str, kind: type) -> Any:
     """A typed field: integers, reals, booleans stay what they are; anything else is text."""
     from osgeo import ogr
 
@@ -268,7 +268,7 @@ def write_polygon_gpkg(path: str | os.PathLike[str], crs_wkt: str, layer: str, f
         try:
             lyr = ds.CreateLayer(layer, srs, ogr.wkbPolygon, options=["GEOMETRY_NAME=geom", "FID=fid"])
             for key, kind in fields.items():
-                lyr.CreateField(_ogr_field(names[key], kind))
+                lyr.CreateField(ogr_field(names[key], kind))
             lyr.StartTransaction()
             for ring, props in features:
                 feat = ogr.Feature(lyr.GetLayerDefn())

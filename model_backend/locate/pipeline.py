@@ -62,6 +62,8 @@ class LocateResult:
     extra: dict[str, Any] = field(default_factory=dict)
     properties: dict[str, Any] = field(default_factory=dict)
     """The result-level match properties (photo, footprint, model, GPS check) every output carries."""
+    scores: TileScores | None = field(default=None, repr=False)
+    """Every tile's score at the chosen footprint (what a flight's track chooses among); not exported."""
 
     @property
     def best(self) -> Candidate:
@@ -244,7 +246,11 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     stem = out_name or Path(photo).stem
     n_cands = max(query.top_k, verify_config.top_k) if do_verify else query.top_k
     cands = select_candidates(scores, n_cands, query.nms_iou)
-    extra: dict[str, Any] = {}
+    finite = scores.values[np.isfinite(scores.values)]
+    # How this photo's scores spread over the raster: a flight compares candidates across photos in
+    # standard deviations above the median tile, since raw cosines differ from bland to busy ground.
+    extra: dict[str, Any] = {"score_median": float(np.median(finite)) if finite.size else 0.0,
+                             "score_std": float(finite.std()) if finite.size else 0.0}
     if do_verify and cands:
         if progress:
             progress(0.92, "Verifying candidates")
@@ -275,7 +281,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
         photo=str(photo), heatmap_path=heat, geojson_path=gj, gpkg_path=gp, crs_wkt=info.crs_wkt,
         footprint_m=fp, footprint_source=source, footprint_given_m=given, footprints_tried=found.tried,
         index_dirs=found.folders, candidates=cands, seconds=time.perf_counter() - t0,
-        index_dir=str(idx.folder), model_sha256=net.sha256, extra=extra, properties=props,
+        index_dir=str(idx.folder), model_sha256=net.sha256, extra=extra, properties=props, scores=scores,
     )
 
 

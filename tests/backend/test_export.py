@@ -296,7 +296,7 @@ def test_failed_writes_leave_nothing_partial(grids, tmp_path, monkeypatch):
 
     def broken_field(name, value):
         raise RuntimeError("driver failed half way")
-    monkeypatch.setattr(export, "_ogr_field", broken_field)
+    monkeypatch.setattr(export, "ogr_field", broken_field)
     with pytest.raises(RuntimeError, match="half way"):
         write_gpkg(str(tmp_path / "m.gpkg"), cands[:1], grid.crs_wkt, PROPS)
     monkeypatch.undo()

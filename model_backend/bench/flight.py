@@ -1,0 +1,151 @@
+"""Flights located as tracks: how much do a photo's neighbours help?
+
+Simulated flights (`learn.datasets.flights`: lawnmower and free paths, 60 % forward overlap, camera
+heading along the track, tilt, colour, altitude changes) over real rasters, located by
+`locate.flight.run.locate_flight`. Every photo is scored twice from the same run: the track's
+choice (`best_x/best_y`) and the photo's own #1 (`independent_x/y`), each a hit when within one
+footprint of the truth. Cases:
+- same date: the held-out rasters no default model trained on (manila, netherlands, bali);
+- cross-year: map NAIP 2015, photos from NAIP 2010 and 2020 of the eastern 40 % (the part of the
+  area no default model trained on), 400 m footprints: where single photos are mostly wrong.
+Each case pools several seeds; hit rates come with Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_backend.bench.adapt import HELD_OUT_REGION, NAIP
+from model_backend.bench.common import DATA
+from model_backend.bench.footprint import wilson
+from model_backend.core.config import QueryConfig
+from model_backend.core.requests import FlightRequest
+from model_backend.geo.geodesy import ground_distance_m
+from model_backend.geo.raster import open_raster
+from model_backend.learn.datasets.flights import FlightPlan, simulate_flight
+from model_backend.locate.flight.run import locate_flight
+from model_backend.nn.embedder import EmbeddingModel
+
+SAME_DATE = (("manila_oam_0.10m.tif", 40.0), ("netherlands_aerial_0.25m_epsg28992.tif", 50.0),
+             ("bali_pix4d_0.35m_alpha.tif", 50.0))
+CROSS_YEAR_M = 400.0
+
+
+def flight_case(map_raster: str | Path, plan: FlightPlan, seed: int, net: EmbeddingModel, work: Path, *,
+                photo_raster: str | Path | None = None, verify: bool = False, gps: bool = False,
+                cache_dir: str | None = None) -> dict[str, Any]:
+    """Simulate one flight, locate it as a track, and score the track's and the single photos' choices."""
+    folder = work / f"flight_{Path(map_raster).stem}_{Path(photo_raster or map_raster).stem}_{plan.pattern}_{seed}"
+    truth = simulate_flight(map_raster, plan, seed, folder / "photos", photo_raster=photo_raster, gps=gps)
+    request = FlightRequest(str(map_raster), (str(folder / "photos"),), str(folder / "out"),
+                            query=QueryConfig(footprint_m=plan.footprint_m), cache_dir=cache_dir, verify=verify,
+                            use_gps=gps)
+    t0 = time.perf_counter()
+    res = locate_flight(request, embedder=net)
+    wall = time.perf_counter() - t0
+    crs = open_raster(str(map_raster)).crs_wkt
+    by_name = {Path(t.path).name: t for t in truth}
+    tx, ty, bx, by, ix, iy, fp = [], [], [], [], [], [], []
+    for line in res.lines:
+        t = by_name[Path(line["photo"]).name]
+        tx.append(t.spec.cx)
+        ty.append(t.spec.cy)
+        fp.append(t.spec.footprint_m * t.spec.scale)
+        bx.append(line["best_x"])
+        by.append(line["best_y"])
+        ix.append(line["independent_x"])
+        iy.append(line["independent_y"])
+    err_track = ground_distance_m(crs, np.array(bx), np.array(by), np.array(tx), np.array(ty))
+    err_alone = ground_distance_m(crs, np.array(ix), np.array(iy), np.array(tx), np.array(ty))
+    fp_arr = np.array(fp)
+    return {"raster": Path(map_raster).name, "photos_from": Path(photo_raster or map_raster).name,
+            "pattern": plan.pattern, "seed": seed, "n": len(res.lines),
+            "track_hits": int((err_track <= fp_arr).sum()), "alone_hits": int((err_alone <= fp_arr).sum()),
+            "track_errors_m": err_track.round(2).tolist(), "alone_errors_m": err_alone.round(2).tolist(),
+            "outliers": sum(line["flag"] == "outlier" for line in res.lines),
+            "decode_ms_per_photo": 1000.0 * res.decode_seconds / max(1, len(res.lines)),
+            "seconds_per_photo": wall / max(1, len(res.lines))}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    n = sum(r["n"] for r in runs)
+    th, ah = sum(r["track_hits"] for r in runs), sum(r["alone_hits"] for r in runs)
+    et = np.concatenate([r["track_errors_m"] for r in runs]) if runs else np.array([np.nan])
+    ea = np.concatenate([r["alone_errors_m"] for r in runs]) if runs else np.array([np.nan])
+    return {"n": n, "flights": len(runs),
+            "track_top1": round(th / n, 4) if n else None, "track_ci95": [round(v, 3) for v in wilson(th, n)],
+            "alone_top1": round(ah / n, 4) if n else None, "alone_ci95": [round(v, 3) for v in wilson(ah, n)],
+            "gain_points": round(100.0 * (th - ah) / n, 1) if n else None,
+            "track_median_error_m": round(float(np.median(et)), 2),
+            "alone_median_error_m": round(float(np.median(ea)), 2),
+            "per_flight_track_minus_alone": [r["track_hits"] - r["alone_hits"] for r in runs],
+            "decode_ms_per_photo_max": round(max(r["decode_ms_per_photo"] for r in runs), 3) if runs else None}
+
+
+def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int, ...] = (0, 1),
+                     n_photos: int = 30) -> dict[str, Any]:
+    """The flight floors' figures (keys `flight_*`): same-date and cross-year, lawnmower and free paths."""
+    out: dict[str, Any] = {}
+    cache = str(tmp / "cache_flight")
+    cases: dict[str, list[tuple[Path, Path, FlightPlan]]] = {"same_date": [], "cross_year": []}
+    for name, fp in SAME_DATE:
+        if (DATA / name).exists():
+            for pattern in ("lawnmower", "free"):
+                cases["same_date"].append((DATA / name, DATA / name, FlightPlan(pattern, n_photos, fp)))
+    if all(p.exists() for p in NAIP.values()):
+        for year in (2010, 2020):
+            for pattern in ("lawnmower", "free"):
+                plan = FlightPlan(pattern, n_photos, CROSS_YEAR_M, region=HELD_OUT_REGION, speed_m_s=12.0)
+                cases["cross_year"].append((NAIP[2015], NAIP[year], plan))
+    for case, items in cases.items():
+        if not items:
+            say(f"flight {case}: rasters missing; skipped")
+            continue
+        runs = []
+        for map_raster, photo_raster, plan in items:
+            for seed in seeds:
+                r = flight_case(map_raster, plan, seed, net, tmp, photo_raster=photo_raster, cache_dir=cache)
+                runs.append(r)
+                say(f"flight {case} {r['photos_from']} {plan.pattern} seed {seed}: track {r['track_hits']}/{r['n']}, "
+                    f"alone {r['alone_hits']}/{r['n']}, outliers {r['outliers']}, "
+                    f"{r['seconds_per_photo']:.2f} s/photo")
+        s = summarise(runs)
+        out[f"flight_{case}"] = s
+        say(f"flight {case}: track {s['track_top1']:.1%} (95 % {s['track_ci95'][0]:.0%}-{s['track_ci95'][1]:.0%}) vs "
+            f"alone {s['alone_top1']:.1%}, median error {s['track_median_error_m']} m vs "
+            f"{s['alone_median_error_m']} m, {s['n']} photos in {s['flights']} flights")
+    if "flight_same_date" in out:
+        out["flight_same_date_top1"] = out["flight_same_date"]["track_top1"]
+        out["flight_same_date_median_error_m"] = out["flight_same_date"]["track_median_error_m"]
+    if "flight_cross_year" in out:
+        out["flight_cross_year_gain_points"] = out["flight_cross_year"]["gain_points"]
+    decode = [out[k]["decode_ms_per_photo_max"] for k in ("flight_same_date", "flight_cross_year") if k in out]
+    if decode:
+        out["flight_decode_ms_per_photo"] = max(decode)
+    return out
+
+
+def main() -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Flight benchmark: tracks vs single photos.")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--photos", type=int, default=30)
+    ap.add_argument("--weights")
+    ap.add_argument("--only", choices=("same_date", "cross_year"))
+    args = ap.parse_args()
+    net = EmbeddingModel.load(args.weights, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = flight_benchmark(net, Path(tmp), print, tuple(int(s) for s in args.seeds.split(",")), args.photos)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

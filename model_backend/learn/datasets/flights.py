@@ -1,0 +1,187 @@
+"""Simulated flights: a drone's photo sequence over a real raster, with exact ground truth.
+
+A flight is what an analyst brings: photos seconds apart along a path, each overlapping the last,
+their EXIF carrying the time (and, on request, a GPS position). Paths are a survey lawnmower
+(parallel legs joined by turns) or a free path (a smooth random walk that turns back at the
+edges); the camera heads along the track with a little yaw noise, tilts a few degrees, changes
+altitude smoothly (the footprint grows and shrinks) and its colour varies photo to photo. Photos
+may come from another raster than the map (another year of the same area: the cross-year flight).
+
+Each photo is written with `synth.save_view` (JPEG + `<stem>.truth.json`) and EXIF
+DateTimeOriginal + SubSecTimeOriginal, so the flight reader orders it exactly as a real flight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model_backend.core.errors import InputError
+from model_backend.geo.geodesy import to_wgs84
+from model_backend.geo.raster import RasterInfo, open_raster
+from model_backend.learn.datasets.region import WHOLE, Region
+from model_backend.learn.datasets.synth import PHOTO_RANGES, SyntheticView, ViewSpec, render_view, save_view
+
+PATTERNS = ("lawnmower", "free")
+START = datetime(2024, 6, 1, 10, 0, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class FlightPlan:
+    """What to fly; `overlap` is the forward overlap of consecutive photos (0.5-0.7 for a survey)."""
+
+    pattern: str = "lawnmower"
+    n_photos: int = 40
+    footprint_m: float = 50.0
+    overlap: float = 0.6
+    sidelap: float = 0.3
+    """Overlap between lawnmower legs."""
+    speed_m_s: float = 8.0
+    max_tilt_deg: float = 10.0
+    altitude_change: float = 0.2
+    """The footprint varies smoothly within 1 +- this along the flight (climbs and descents)."""
+    heading_noise_deg: float = 5.0
+    turn_deg: float = 12.0
+    """Free path: standard deviation of the heading change per photo."""
+    region: Region = WHOLE
+    photometric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise InputError(f"Unknown flight pattern {self.pattern!r}; use one of {', '.join(PATTERNS)}.")
+        if not 0.0 <= self.overlap < 1.0 or not 0.0 <= self.sidelap < 1.0:
+            raise InputError("Overlap and sidelap are fractions in [0, 1).")
+        if self.n_photos < 1 or self.footprint_m <= 0 or self.speed_m_s <= 0:
+            raise InputError("A flight needs photos, a positive footprint and a positive speed.")
+
+
+@dataclass
+class FlightPhoto:
+    path: str
+    spec: ViewSpec
+    """The truth: spec.cx, spec.cy is the photo's ground centre in the map's CRS."""
+    time_s: float
+    """Seconds after the flight's start (EXIF holds START + this)."""
+    valid_fraction: float
+
+
+def _box(info: RasterInfo, plan: FlightPlan) -> tuple[float, float, float, float]:
+    """Pixel box the photo centres stay in: the region, less a margin that holds a tilted, larger view."""
+    c0, r0, c1, r1 = plan.region.pixels(info.width, info.height)
+    reach_m = 0.5 * plan.footprint_m * (1.0 + plan.altitude_change) * math.hypot(4, 3) / 3 * \
+        (1.0 + math.tan(math.radians(plan.max_tilt_deg)))
+    mx, my = reach_m / info.gsd_x_m + 2, reach_m / info.gsd_y_m + 2
+    if c1 - c0 <= 2 * mx or r1 - r0 <= 2 * my:
+        raise InputError(f"A flight of {plan.footprint_m:g} m photos does not fit in the raster's region "
+                         f"{plan.region.text()}; use a smaller footprint.")
+    return c0 + mx, r0 + my, c1 - mx, r1 - my
+
+
+def plan_path(info: RasterInfo, plan: FlightPlan, rng: np.random.Generator) -> np.ndarray:
+    """(n, 2) photo centres in metres from the box's top-left corner (x east, y south), and headings."""
+    x0, y0, x1, y1 = _box(info, plan)
+    w_m, h_m = (x1 - x0) * info.gsd_x_m, (y1 - y0) * info.gsd_y_m
+    step = (1.0 - plan.overlap) * plan.footprint_m
+    n = plan.n_photos
+    if plan.pattern == "lawnmower":
+        along_x = bool(rng.integers(2)) if w_m > 2 * plan.footprint_m and h_m > 2 * plan.footprint_m else w_m >= h_m
+        length, across = (w_m, h_m) if along_x else (h_m, w_m)
+        spacing = (1.0 - plan.sidelap) * plan.footprint_m
+        legs = max(1, min(int(across // spacing) + 1, math.ceil(n * step / max(length, step))))
+        leg_len = min(length, n * step / legs + step)
+        start_a = rng.uniform(0, length - leg_len) if length > leg_len else 0.0
+        start_c = rng.uniform(0, max(0.0, across - (legs - 1) * spacing))
+        pts = []
+        for k in range(legs):
+            a = np.arange(0.0, leg_len, step)
+            a = a if k % 2 == 0 else a[::-1]
+            for v in a:
+                pts.append((start_a + v, start_c + k * spacing))
+            if len(pts) >= n:
+                break
+        while len(pts) < n:  # not enough legs fit: fly the pattern back
+            pts += pts[-2::-1][: n - len(pts)]
+        p = np.array(pts[:n], np.float64)
+        xy = p if along_x else p[:, ::-1]
+    else:
+        xy = np.empty((n, 2))
+        pos = np.array([rng.uniform(0.2, 0.8) * w_m, rng.uniform(0.2, 0.8) * h_m])
+        head = rng.uniform(0, 2 * math.pi)
+        for i in range(n):
+            xy[i] = pos
+            for _ in range(50):
+                head += math.radians(rng.normal(0.0, plan.turn_deg))
+                nxt = pos + step * np.array([math.sin(head), -math.cos(head)])
+                if 0 <= nxt[0] <= w_m and 0 <= nxt[1] <= h_m:
+                    break
+                head = math.atan2(w_m / 2 - pos[0], -(h_m / 2 - pos[1])) + rng.normal(0, 0.3)
+            pos = np.clip(nxt, 0, [w_m, h_m])
+    return xy
+
+
+def _headings(xy: np.ndarray) -> np.ndarray:
+    """Direction of travel at each photo, degrees clockwise from north (y of `xy` points south)."""
+    d = np.gradient(xy, axis=0) if len(xy) > 1 else np.array([[0.0, -1.0]])
+    return np.degrees(np.arctan2(d[:, 0], -d[:, 1])) % 360.0
+
+
+def exif_bytes(when: datetime, lonlat: tuple[float, float] | None) -> bytes:
+    ex = Image.Exif()
+    ex[306] = when.strftime("%Y:%m:%d %H:%M:%S")
+    ex[0x8769] = {36867: when.strftime("%Y:%m:%d %H:%M:%S"), 37521: f"{when.microsecond // 10000:02d}"}
+    if lonlat is not None:
+        def dms(v: float) -> tuple[float, float, float]:
+            v = abs(v)
+            d, m = int(v), int((v % 1) * 60)
+            return float(d), float(m), round((v * 3600) % 60, 4)
+
+        lon, lat = lonlat
+        ex[0x8825] = {1: "N" if lat >= 0 else "S", 2: dms(lat), 3: "E" if lon >= 0 else "W", 4: dms(lon)}
+    return ex.tobytes()
+
+
+def simulate_flight(map_raster: str | Path, plan: FlightPlan, seed: int, folder: str | Path, *,
+                    photo_raster: str | Path | None = None, size: tuple[int, int] = (640, 480),
+                    gps: bool = False, gps_error_m: float = 5.0) -> list[FlightPhoto]:
+    """Fly `plan` over `map_raster` (photos rendered from `photo_raster`, default the map) and write
+    photo_000.jpg ... with EXIF time (and GPS with `gps`, off by `gps_error_m`); returns the truth."""
+    info = open_raster(str(map_raster))
+    source = str(photo_raster or map_raster)
+    rng = np.random.default_rng(seed)
+    xy = plan_path(info, plan, rng)
+    heads = (_headings(xy) + rng.normal(0.0, plan.heading_noise_deg, len(xy))) % 360.0
+    x0, y0, _, _ = _box(info, plan)
+    phase, period = rng.uniform(0, 2 * math.pi), rng.uniform(15, 40)
+    step = (1.0 - plan.overlap) * plan.footprint_m
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    to_ll = to_wgs84(info.crs_wkt) if gps else None
+    out: list[FlightPhoto] = []
+    t = 0.0
+    for i, ((mx, my), heading) in enumerate(zip(xy, heads)):
+        cx, cy = info.affine * (x0 + mx / info.gsd_x_m, y0 + my / info.gsd_y_m)
+        scale = 1.0 + plan.altitude_change * math.sin(phase + 2 * math.pi * i / period)
+        photo: dict = {}
+        if plan.photometric:
+            photo = {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in PHOTO_RANGES.items()}
+            photo["jpeg_quality"] = int(rng.integers(70, 96))
+        spec = ViewSpec(float(cx), float(cy), plan.footprint_m, heading_deg=float(heading),
+                        tilt_deg=float(rng.uniform(0, plan.max_tilt_deg)),
+                        tilt_azimuth_deg=float((heading + rng.normal(0, 20)) % 360.0), scale=scale, **photo)
+        view: SyntheticView = render_view(source, spec, size=size)
+        path = folder / f"photo_{i:03d}.jpg"
+        save_view(view, str(path))
+        when = START.timestamp() + t
+        lonlat = None
+        if to_ll is not None:
+            e = rng.normal(0, gps_error_m, 2)
+            lonlat = to_ll.transform(cx + e[0], cy + e[1])
+        Image.open(path).save(path, quality=95, exif=exif_bytes(datetime.fromtimestamp(when, UTC), lonlat))
+        out.append(FlightPhoto(str(path), spec, t, view.valid_fraction))
+        t += step * scale / plan.speed_m_s * float(rng.uniform(0.9, 1.1))
+    return out
