@@ -10,6 +10,7 @@ from qgis.core import QgsApplication, QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from .adapt_algorithm import AdaptModelAlgorithm
+from .flight_algorithm import LocateFlightAlgorithm
 from .index_algorithm import BuildIndexAlgorithm
 from .locate_algorithm import LocatePhotosAlgorithm
 
@@ -17,8 +18,8 @@ PROVIDER_ID = "cdikt"
 
 
 class CdiktProvider(QgsProcessingProvider):
-    """Provider ``cdikt``: Build tile index (``cdikt:index``), Locate drone photos (``cdikt:locate``) and
-    Adapt model to labelled pairs (``cdikt:adapt``)."""
+    """Provider ``cdikt``: Build tile index (``cdikt:index``), Locate drone photos (``cdikt:locate``), Locate a
+    flight (``cdikt:locate_flight``) and Adapt model to labelled pairs (``cdikt:adapt``)."""
 
     def id(self) -> str:
         return PROVIDER_ID
@@ -36,5 +37,5 @@ class CdiktProvider(QgsProcessingProvider):
         return QIcon(path) if path else QgsApplication.getThemeIcon("/processingAlgorithm.svg")
 
     def loadAlgorithms(self) -> None:  # noqa: N802
-        for alg in (BuildIndexAlgorithm(), LocatePhotosAlgorithm(), AdaptModelAlgorithm()):
+        for alg in (BuildIndexAlgorithm(), LocatePhotosAlgorithm(), LocateFlightAlgorithm(), AdaptModelAlgorithm()):
             self.addAlgorithm(alg)

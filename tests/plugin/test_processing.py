@@ -82,7 +82,8 @@ def test_provider_offers_index_and_locate_with_help_and_defaults(provider) -> No
 
     registry = QgsApplication.processingRegistry()
     assert registry.providerById("cdikt") is provider and provider.name() == "CDIKT"
-    assert sorted(a.id() for a in provider.algorithms()) == ["cdikt:adapt", "cdikt:index", "cdikt:locate"]
+    assert sorted(a.id() for a in provider.algorithms()) == ["cdikt:adapt", "cdikt:index", "cdikt:locate",
+                                                              "cdikt:locate_flight"]
     for alg in provider.algorithms():
         assert "<p>" in alg.shortHelpString() and alg.canExecute()[0]
         defaults = {p.name(): p.defaultValue() for p in alg.parameterDefinitions()}
@@ -479,3 +480,26 @@ def test_one_adaptation_reaches_the_engine_as_one_request_from_all_three_front_e
     assert asked(arrived[0]) == asked(arrived[1]) == asked(arrived[2])
     assert Path(arrived[0].out).name == "cli.safetensors" and Path(arrived[1].out).name == "processing.safetensors"
     assert Path(arrived[2].out).is_relative_to(data_dir) and arrived[2].out.endswith(".safetensors")
+
+
+def test_locate_flight_writes_a_track_and_a_photo_table(provider, cache, tmp_path) -> None:
+    """cdikt:locate_flight: a simulated survey over the Manila raster becomes a Track line and a Photos layer."""
+    from qgis.core import QgsVectorLayer, QgsWkbTypes
+
+    from model_backend.learn.datasets.flights import FlightPlan, simulate_flight
+
+    truth = simulate_flight(RASTER, FlightPlan("lawnmower", 6, FOOTPRINT), 2, tmp_path / "flight")
+    res = _run("cdikt:locate_flight", {
+        "RASTER": str(RASTER), "PHOTOS": [str(tmp_path / "flight")], "FOOTPRINT": FOOTPRINT,
+        "FOOTPRINT_FROM_EXIF": False, "VERIFY": False, "CACHE_DIR": str(cache), "OUTPUT_FOLDER": str(tmp_path / "out"),
+    })
+    assert res["LOCATED"] == 6 and res["FAILED"] == 0 and Path(res["CSV"]).is_file()
+    track = QgsVectorLayer(res["TRACK"], "track")
+    points = QgsVectorLayer(res["PHOTO_POINTS"], "photos")
+    assert track.isValid() and points.isValid() and track.crs() == _raster_crs()
+    line = next(track.getFeatures()).geometry()
+    assert line.type() == QgsWkbTypes.LineGeometry and QgsWkbTypes.hasM(line.wkbType())
+    rows = sorted(points.getFeatures(), key=lambda f: f["order"])
+    assert [Path(f["photo"]).name for f in rows] == [Path(t.path).name for t in truth]
+    hits = sum(((f["x"] - t.spec.cx) ** 2 + (f["y"] - t.spec.cy) ** 2) ** 0.5 <= FOOTPRINT for f, t in zip(rows, truth))
+    assert hits >= 5, hits

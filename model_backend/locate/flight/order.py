@@ -15,6 +15,8 @@ from model_backend.core.errors import InputError
 from model_backend.geo.exif import PhotoPriors, read_priors, read_visloc_log
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+OWN_OUTPUTS = (".heatmap.tif", ".draped.tif")
+"""Locate's own rasters: never photos, though a flight's outputs may be written into its photo folder."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ def list_photos(sources: list[str] | tuple[str, ...]) -> list[str]:
         p = Path(src)
         if p.is_dir():
             out += sorted(str(q) for q in p.iterdir() if q.is_file() and q.suffix.lower() in PHOTO_SUFFIXES
-                          and not q.name.startswith("."))
+                          and not q.name.startswith(".") and not q.name.lower().endswith(OWN_OUTPUTS))
         elif p.is_file():
             out.append(str(p))
         else:
