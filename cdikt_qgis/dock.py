@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ class LocateDock(ProgressStatus, QDockWidget):
     """Inputs for one localisation, progress, and the export button."""
 
     locate_requested = pyqtSignal(object)  # LocateParams
+    flight_requested = pyqtSignal(object)  # LocateParams whose photo is the flight's folder
     cancel_requested = pyqtSignal()
     export_requested = pyqtSignal(str)  # destination path
 
@@ -181,6 +183,14 @@ class LocateDock(ProgressStatus, QDockWidget):
             "a best match far from the GPS is flagged either way)."
         )
         form.addRow("Near GPS", self.gps_radius_spin)
+        self.flight_widget = QgsFileWidget(body)
+        self.flight_widget.setStorageMode(QgsFileWidget.GetDirectory)
+        self.flight_widget.setDialogTitle("Flight folder")
+        self.flight_widget.setToolTip(
+            "A folder of one flight's photos, to locate together with \"Locate flight\": ordered by their EXIF "
+            "time, each photo is located as above, then the track a drone could have flown through their best "
+            "places is chosen. Photos that fit no place near their neighbours are flagged, not forced.")
+        form.addRow("Flight", self.flight_widget)
         outer.addLayout(form)
 
         buttons = QHBoxLayout()
@@ -189,7 +199,11 @@ class LocateDock(ProgressStatus, QDockWidget):
         self.locate_button.clicked.connect(self._emit_locate)
         self.cancel_button = QPushButton("Cancel", body)
         self.cancel_button.clicked.connect(self.cancel_requested)
+        self.flight_button = QPushButton("Locate flight", body)
+        self.flight_button.setToolTip("Locate every photo of the flight folder as one track (see Flight).")
+        self.flight_button.clicked.connect(self._emit_flight)
         buttons.addWidget(self.locate_button, 2)
+        buttons.addWidget(self.flight_button, 2)
         buttons.addWidget(self.cancel_button, 1)
         outer.addLayout(buttons)
 
@@ -287,6 +301,12 @@ class LocateDock(ProgressStatus, QDockWidget):
     def _emit_locate(self) -> None:
         self.locate_requested.emit(self.params())
 
+    def flight_folder(self) -> str:
+        return self.flight_widget.filePath().strip()
+
+    def _emit_flight(self) -> None:
+        self.flight_requested.emit(replace(self.params(), photo=self.flight_folder()))
+
     def export_suggestion(self) -> str:
         """`<photo>.matches.geojson` in the folder the analyst last exported to (else their home)."""
         folder = self.settings.export_dir or str(Path.home())
@@ -333,6 +353,7 @@ class LocateDock(ProgressStatus, QDockWidget):
     def set_running(self, running: bool) -> None:
         self.cancel_button.setEnabled(running)
         self.locate_button.setEnabled(not running)  # a second click must not silently restart
+        self.flight_button.setEnabled(not running)
         if running:
             self.progress.setValue(0)
             self.set_status("Starting…")

@@ -308,3 +308,42 @@ def export_candidates(layer_or_result: Any, path: str | os.PathLike[str]) -> str
     except InputError as exc:  # the folder cannot be written: the caller's one-line message
         raise OSError(str(exc)) from None
     return str(dest)
+
+
+FLAG_COLOURS = {"": "#2ca02c", "uncertain": "#ff9f1c", "outlier": "#d62728"}
+"""Flight photos: on the track (green), unsure (orange), left out of the track (red)."""
+
+
+def add_flight_layers(result: Any, project: QgsProject | None = None,
+                      canvas: QgsMapCanvas | None = None) -> QgsLayerTreeGroup:
+    """Add a FlightResult's track (a line) and photos (points coloured by flag) in a group; zoom to the track."""
+    from qgis.core import QgsCategorizedSymbolRenderer, QgsLineSymbol, QgsMarkerSymbol, QgsRendererCategory
+
+    project = project or QgsProject.instance()
+    track = QgsVectorLayer(f"{result.gpkg_path}|layername=track", "Track", "ogr")
+    photos = QgsVectorLayer(f"{result.gpkg_path}|layername=photos", "Photos", "ogr")
+    if not (track.isValid() and photos.isValid()):
+        raise ValueError(f"The flight's layers could not be opened from {result.gpkg_path}.")
+    track.renderer().setSymbol(QgsLineSymbol.createSimple({"color": BEST_COLOUR, "width": "0.8",
+                                                           "capstyle": "round"}))
+    cats = [QgsRendererCategory(flag, QgsMarkerSymbol.createSimple({"name": "circle", "color": colour,
+                                                                    "size": "2.6", "outline_color": "#202020"}),
+                                flag or "on the track") for flag, colour in FLAG_COLOURS.items()]
+    photos.setRenderer(QgsCategorizedSymbolRenderer("flag", cats))
+    root = project.layerTreeRoot()
+    for old in result_groups(root):
+        old.setItemVisibilityChecked(False)
+        old.setExpanded(False)
+    folder = Path(result.csv_path).parent
+    group = root.insertGroup(0, f"Flight {folder.name}")
+    group.setCustomProperty(RESULT_GROUP_PROPERTY, str(folder))
+    for layer in (photos, track):
+        project.addMapLayer(layer, False)
+        group.addLayer(layer)
+    if canvas is not None and track.featureCount():
+        extent = track.extent()
+        extent.grow(max(extent.width(), extent.height()) * 0.1 + 1.0)
+        tr = QgsCoordinateTransform(track.crs(), canvas.mapSettings().destinationCrs(), project)
+        canvas.setExtent(tr.transformBoundingBox(extent))
+        canvas.refresh()
+    return group

@@ -7,6 +7,7 @@ The constructor does not touch ``iface`` (qgis_process passes None and only call
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -20,12 +21,21 @@ from qgis.PyQt.QtWidgets import QAction
 from model_backend.core.requests import Failure, Status  # torch-free
 
 from .icons import icon_path
-from .layers import add_result_layers, export_candidates
+from .layers import add_flight_layers, add_result_layers, export_candidates
 from .log import install as install_log
 from .log import uninstall as uninstall_log
 from .notify import Notifier
 from .settings import CdiktSettings
-from .tasks import LayerError, LocateParams, LocateTask, capture_raster, locate_request, tidy_cache
+from .tasks import (
+    FlightTask,
+    LayerError,
+    LocateParams,
+    LocateTask,
+    capture_raster,
+    flight_request,
+    locate_request,
+    tidy_cache,
+)
 
 logger = logging.getLogger(__name__)
 MENU = "&CDIKT"
@@ -46,6 +56,7 @@ class LocateController(QObject):
         self._closed = False
         self.notifier = Notifier(iface, TITLE)
         dock.locate_requested.connect(self.locate)
+        dock.flight_requested.connect(self.locate_flight)
         dock.cancel_requested.connect(self.cancel)
         dock.export_requested.connect(self.export)
         dock.set_cache_text(tidy_cache(self.settings.cache_dir, None).text(self.settings.cache_max_bytes()))
@@ -95,6 +106,38 @@ class LocateController(QObject):
         self.dock.set_result_available(self.last_result is not None)
         QgsApplication.taskManager().addTask(task)
         logger.info("Request %d: locating %s in %s", self.request, photo, source.path)
+        return task
+
+    def locate_flight(self, params: LocateParams) -> FlightTask | None:
+        """Queue a FlightTask for the flight folder in `params.photo`. Its outputs go to a folder named after
+        the flight and the raster, so running it again resumes (photos already located are reused)."""
+        if self._closed:
+            return None
+        self.notifier.clear()
+        try:
+            source = capture_raster(params.layer)
+        except LayerError as exc:
+            self.dock.set_status(str(exc))
+            self._push(str(exc), Qgis.Warning)
+            return None
+        folder = params.photo
+        if not folder or not os.path.isdir(folder):
+            msg = "Pick the flight's folder of photos (Flight)." if not folder else f"Flight folder not found: {folder}"
+            self.dock.set_status(msg)
+            self._push(msg, Qgis.Warning)
+            return None
+        self._remember(params)
+        self.cancel()
+        self.request += 1
+        key = hashlib.sha256(f"{Path(folder).resolve()}|{source.path}".encode()).hexdigest()[:8]
+        out_dir = str(Path(self.settings.results_dir()) / f"flight-{Path(folder).name}-{key}")
+        task = FlightTask(self.request, flight_request(params, source, out_dir, self.settings), self._finished,
+                          cache_max_bytes=self.settings.cache_max_bytes())
+        task.progressed.connect(self._progress)
+        self.task = task
+        self.dock.set_running(True)
+        QgsApplication.taskManager().addTask(task)
+        logger.info("Request %d: locating the flight %s in %s", self.request, folder, source.path)
         return task
 
     def _remember(self, params: LocateParams) -> None:
@@ -147,7 +190,9 @@ class LocateController(QObject):
         self.task = None
         self.dock.set_running(False)
         outcome = task.outcome
-        if outcome.succeeded:
+        if outcome.succeeded and isinstance(task, FlightTask):
+            self._show_flight(task)
+        elif outcome.succeeded:
             self._show(task)
         elif outcome.status is Status.CANCELLED:
             self.dock.set_progress(0.0)
@@ -164,6 +209,28 @@ class LocateController(QObject):
             text = f"Unexpected error: {outcome.message} (full traceback in the CDIKT log)."
             self._push(text, Qgis.Critical, 0)
             self.notifier.details(outcome.details or outcome.message)
+
+    def _show_flight(self, task: FlightTask) -> None:
+        result = task.result
+        canvas = self.iface.mapCanvas() if self.iface is not None else None
+        try:
+            add_flight_layers(result, QgsProject.instance(), canvas)
+        except ValueError as exc:
+            self.dock.set_status(str(exc))
+            self._push(str(exc), Qgis.Critical)
+            return
+        self.dock.set_cache_text(task.cache.text(self.settings.cache_max_bytes()))
+        self.dock.set_progress(1.0)
+        flags = [line["flag"] for line in result.lines]
+        text = (f"Flight: {len(result.lines)} photos as one track (ordered by {result.order_source}); "
+                f"{flags.count('outlier')} outlier, {flags.count('uncertain')} uncertain"
+                + (f", {len(result.failed)} could not be read" if result.failed else "")
+                + (f", {result.reused} reused" if result.reused else "") + f"; {task.message}. "
+                f"Table: {result.csv_path}")
+        self.dock.set_status(text)
+        if result.failed:
+            self._push(f"{len(result.failed)} photos of the flight could not be located; the first: "
+                       f"{result.failed[0]}", Qgis.Warning)
 
     def _show(self, task: LocateTask) -> None:
         result = task.result

@@ -165,3 +165,39 @@ class LocateTask(EngineTask):
 
     def done_message(self) -> str:
         return f"Done in {time.perf_counter() - self._start:.1f} s"
+
+
+def flight_request(params: LocateParams, source: RasterSource, out_dir: str, settings: Any) -> Any:
+    """The engine's FlightRequest for a flight folder picked in the dock (`params.photo` is the folder):
+    the locate options the dock shows, the flight's own at the engine's defaults."""
+    from model_backend.core.requests import FlightRequest
+
+    one = locate_request(params, source, out_dir, settings)
+    return FlightRequest(one.raster, (params.photo,), out_dir, tiling=one.tiling, query=one.query, model=one.model,
+                         cache_dir=one.cache_dir, verify=one.verify, prior_radius_m=one.prior_radius_m)
+
+
+class FlightTask(EngineTask):
+    """Run one FlightRequest (every photo located, then the track decoded) on a worker thread."""
+
+    def __init__(self, request_id: int, request: Any, on_done: Callable[[FlightTask], None] | None = None,
+                 cache_max_bytes: int | None = None) -> None:
+        super().__init__(f"CDIKT: locating the flight {Path(request.sources[0]).name}", on_done)
+        self.request_id = request_id
+        self.request = request
+        self.cache_max_bytes = cache_max_bytes
+        self.cache = CacheState()
+        self._start = time.perf_counter()
+
+    def work(self) -> Any:
+        from model_backend.locate.flight.run import locate_flight
+
+        self._start = time.perf_counter()
+        os.makedirs(self.request.out_dir, exist_ok=True)
+        self._progress(0.0, "Starting…")
+        result = locate_flight(self.request, progress=self._progress, cancel=self.isCanceled)
+        self.cache = tidy_cache(self.request.cache_dir, self.cache_max_bytes)
+        return result
+
+    def done_message(self) -> str:
+        return f"Done in {time.perf_counter() - self._start:.1f} s"

@@ -283,3 +283,39 @@ def test_missing_torch_says_how_to_install(plugin, iface, photo, tmp_path: Path)
     task.finished(False)
     title, text, level = iface.messages()[-1]
     assert level == int(Qgis.Critical) and "make setup" in text and "cdikt/python_site_packages" in text
+
+
+def test_locate_flight_from_the_dock_adds_track_and_photos_and_resumes(plugin, iface, tmp_path: Path) -> None:
+    """Flight folder + "Locate flight": a track layer and flag-coloured photo points; run again, it resumes."""
+    from qgis.core import QgsProject, QgsVectorLayer, QgsWkbTypes
+
+    from model_backend.learn.datasets.flights import FlightPlan, simulate_flight
+
+    truth = simulate_flight(RASTER, FlightPlan("lawnmower", 6, 40.0), 3, tmp_path / "flight")
+    dock = plugin.dock
+    dock.footprint_spin.setValue(40.0)
+    dock.footprint_auto.setChecked(False)
+    dock.verify_check.setChecked(False)
+    dock.flight_widget.setFilePath(str(tmp_path / "flight"))
+    dock.flight_button.click()
+    task = plugin.controller.task
+    assert task is not None, dock.status.text()
+    assert not dock.flight_button.isEnabled() and dock.cancel_button.isEnabled()
+    assert wait_until(lambda: _done(task), 120), dock.status.text()
+    assert task.outcome.succeeded, task.message + task.details
+    group = QgsProject.instance().layerTreeRoot().children()[0]
+    assert group.name().startswith("Flight flight")
+    photos, track = (node.layer() for node in group.findLayers())
+    assert isinstance(track, QgsVectorLayer) and track.geometryType() == QgsWkbTypes.LineGeometry
+    assert photos.featureCount() == 6 and photos.crs() == plugin.raster.crs()
+    assert "6 photos as one track (ordered by time)" in dock.status.text()
+    assert Path(task.result.csv_path).is_relative_to(tmp_path / "cache" / "results")
+    assert len(truth) == 6
+
+    dock.flight_button.click()  # the same flight again: every photo reused
+    again = plugin.controller.task
+    assert wait_until(lambda: _done(again), 60) and again.outcome.succeeded
+    assert again.result.reused == 6 and "6 reused" in dock.status.text()
+    dock.flight_widget.setFilePath(str(tmp_path / "nowhere"))
+    dock.flight_button.click()
+    assert "Flight folder not found" in dock.status.text()
