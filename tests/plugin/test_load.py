@@ -21,7 +21,8 @@ def test_class_factory_without_iface_supports_processing_only(qgis_app) -> None:
     plugin.initProcessing()  # idempotent: QGIS calls it, and initGui calls it again
     try:
         assert plugin.provider is not None and registry.providerById("cdikt") is plugin.provider
-        assert sorted(a.id() for a in plugin.provider.algorithms()) == ["cdikt:adapt", "cdikt:index", "cdikt:locate"]
+        assert sorted(a.id() for a in plugin.provider.algorithms()) == ["cdikt:adapt", "cdikt:index", "cdikt:locate",
+                                                                     "cdikt:locate_flight"]
     finally:
         plugin.unload()
     assert registry.providerById("cdikt") is None
