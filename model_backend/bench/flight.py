@@ -5,10 +5,12 @@ heading along the track, tilt, colour, altitude changes) over real rasters, loca
 `locate.flight.run.locate_flight`. Every photo is scored twice from the same run: the track's
 choice (`best_x/best_y`) and the photo's own #1 (`independent_x/y`), each a hit when within one
 footprint of the truth. Cases:
-- same date: the held-out rasters no default model trained on (manila, netherlands, bali);
+- same date: the held-out rasters no default model trained on (manila, netherlands, bali), with
+  verification as the product runs it (on for photos that look down): the median error is metres;
 - cross-year: map NAIP 2015, photos from NAIP 2010 and 2020 of the eastern 40 % (the part of the
   area no default model trained on), 400 m footprints: where single photos are mostly wrong.
-Each case pools several seeds; hit rates come with Wilson intervals.
+Each case pools several seeds; hit rates come with Wilson intervals. The decoder's settings were chosen
+on cross-year flights of seeds 0 and 1 (NAIP 2020 photos); `make bench` measures seeds 2-4.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ CROSS_YEAR_M = 400.0
 
 
 def flight_case(map_raster: str | Path, plan: FlightPlan, seed: int, net: EmbeddingModel, work: Path, *,
-                photo_raster: str | Path | None = None, verify: bool = False, gps: bool = False,
+                photo_raster: str | Path | None = None, verify: bool | None = None, gps: bool = False,
                 cache_dir: str | None = None) -> dict[str, Any]:
     """Simulate one flight, locate it as a track, and score the track's and the single photos' choices."""
     folder = work / f"flight_{Path(map_raster).stem}_{Path(photo_raster or map_raster).stem}_{plan.pattern}_{seed}"
@@ -84,10 +86,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "track_median_error_m": round(float(np.median(et)), 2),
             "alone_median_error_m": round(float(np.median(ea)), 2),
             "per_flight_track_minus_alone": [r["track_hits"] - r["alone_hits"] for r in runs],
-            "decode_ms_per_photo_max": round(max(r["decode_ms_per_photo"] for r in runs), 3) if runs else None}
+            "decode_ms_per_photo_max": round(max(r["decode_ms_per_photo"] for r in runs), 3) if runs else None,
+            "seconds_per_photo_median": round(float(np.median([r["seconds_per_photo"] for r in runs])), 3)}
 
 
-def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int, ...] = (0, 1),
+def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int, ...] = (2, 3, 4),
                      n_photos: int = 30) -> dict[str, Any]:
     """The flight floors' figures (keys `flight_*`): same-date and cross-year, lawnmower and free paths."""
     out: dict[str, Any] = {}
@@ -109,7 +112,10 @@ def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int,
         runs = []
         for map_raster, photo_raster, plan in items:
             for seed in seeds:
-                r = flight_case(map_raster, plan, seed, net, tmp, photo_raster=photo_raster, cache_dir=cache)
+                # Same date: verified footprints, as analysts run it. Cross-year: the map cannot verify a
+                # photo of other crops (the track is the point), and the speed floor is without verification.
+                r = flight_case(map_raster, plan, seed, net, tmp, photo_raster=photo_raster, cache_dir=cache,
+                                verify=None if case == "same_date" else False)
                 runs.append(r)
                 say(f"flight {case} {r['photos_from']} {plan.pattern} seed {seed}: track {r['track_hits']}/{r['n']}, "
                     f"alone {r['alone_hits']}/{r['n']}, outliers {r['outliers']}, "
@@ -135,7 +141,7 @@ def main() -> int:
     import json
 
     ap = argparse.ArgumentParser(description="Flight benchmark: tracks vs single photos.")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="2,3,4")
     ap.add_argument("--photos", type=int, default=30)
     ap.add_argument("--weights")
     ap.add_argument("--only", choices=("same_date", "cross_year"))
