@@ -45,8 +45,9 @@ from model_backend.nn.weights import DEFAULT_WEIGHTS_NAME
 NAIP = {year: DATA / f"naip_northdakota_5m_{year}.tif" for year in (2010, 2015, 2020)}
 """The same 4.7 x 3.6 km area in three years: real seasonal and crop change, co-registered."""
 HELD_OUT_REGION = Region(0.6, 0.0, 1.0, 1.0)
-"""The eastern 40 % of the NAIP area. The shipped default is trained on the western 60 % of all three years
-(resources/models/train_rasters.txt), so every benchmark photo of this area is drawn, whole, from here."""
+"""The eastern 40 % of the NAIP area: cross-year benchmark photos are drawn, whole, from here. A model trained
+with resources/models/train_rasters_west.txt (NAIP's western 60 % only) never saw it; the shipped default was
+trained on all of it (resources/models/README.md), which is why the matrix starts from ImageNet."""
 MAP = NAIP[2015]
 PHOTO_RASTERS = {2010: NAIP[2010], 2020: NAIP[2020]}
 IMAGENET = resources_dir() / "weights" / DEFAULT_WEIGHTS_NAME

@@ -12,9 +12,10 @@ The floor: top-1 with the footprint x0.75 or x1.3 is at least 90 % of top-1 with
 top-1 comes with its 95 % Wilson interval: with 60 views one view is 1.7 points, and the cross-year
 top-1 is low enough that its ratio is mostly noise (said beside it, not hidden).
 
-The cross-year views are drawn from the eastern 40 % of the NAIP area only (`bench.adapt.HELD_OUT_REGION`):
-the shipped default is trained on the western 60 % of the three years, so neither set of views is one
-it was trained on.
+The cross-year views are drawn from the eastern 40 % of the NAIP area only (`bench.adapt.HELD_OUT_REGION`),
+the part a west-trained model never saw. Caveat: the shipped default was trained on all three NAIP years,
+east included (resources/models/README.md), so for it these views are not held out; the semi-synthetic
+rasters are.
 """
 
 from __future__ import annotations
