@@ -51,3 +51,18 @@ def test_an_interrupted_matrix_resumes_from_its_log(tmp_path: Path) -> None:
     assert out["adapt_matrix_runs"] == 6 and out["adapt_matrix_before_mean"] == pytest.approx(0.2)
     assert out["adapt_matrix_in_use_mean"] == pytest.approx(0.3) and out["adapt_matrix_activated_worse"] == 0
     assert not any("seed 0 footprint" in m for m in said)  # no run was redone
+
+
+def test_flight_figures_pool_flights_and_count_the_gain() -> None:
+    from model_backend.bench.flight import summarise as flight_summary
+
+    runs = [{"n": 10, "track_hits": 9, "alone_hits": 4, "track_errors_m": [1.0] * 9 + [900.0],
+             "alone_errors_m": [1.0] * 4 + [800.0] * 6, "decode_ms_per_photo": 2.0, "seconds_per_photo": 0.5},
+            {"n": 20, "track_hits": 20, "alone_hits": 14, "track_errors_m": [2.0] * 20,
+             "alone_errors_m": [2.0] * 14 + [700.0] * 6, "decode_ms_per_photo": 4.0, "seconds_per_photo": 0.7}]
+    s = flight_summary(runs)
+    assert s["n"] == 30 and s["track_top1"] == pytest.approx(29 / 30, abs=1e-4) and s["alone_top1"] == pytest.approx(0.6)
+    assert s["gain_points"] == pytest.approx(36.7) and s["per_flight_track_minus_alone"] == [5, 6]
+    assert s["track_median_error_m"] == 2.0 and s["decode_ms_per_photo_max"] == 4.0
+    lo, hi = s["track_ci95"]
+    assert lo < 29 / 30 < hi <= 1.0
