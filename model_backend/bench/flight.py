@@ -88,6 +88,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "alone_median_error_m": round(float(np.median(ea)), 2),
             "per_flight_track_minus_alone": [r["track_hits"] - r["alone_hits"] for r in runs],
             "decode_ms_per_photo_max": round(max(r["decode_ms_per_photo"] for r in runs), 3) if runs else None,
+            "decode_ms_per_photo_median": round(float(np.median([r["decode_ms_per_photo"] for r in runs])), 3)
+            if runs else None,
             "seconds_per_photo_median": round(float(np.median([r["seconds_per_photo"] for r in runs])), 3)}
 
 
@@ -131,7 +133,9 @@ def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int,
         out["flight_same_date_median_error_m"] = out["flight_same_date"]["track_median_error_m"]
     if "flight_cross_year" in out:
         out["flight_cross_year_gain_points"] = out["flight_cross_year"]["gain_points"]
-    decode = [out[k]["decode_ms_per_photo_max"] for k in ("flight_same_date", "flight_cross_year") if k in out]
+    # The typical flight's cost (median over flights): one flight decoded while another job held both cores
+    # read 19 ms against 3.7 ms alone; the slowest is kept beside it as decode_ms_per_photo_max.
+    decode = [out[k]["decode_ms_per_photo_median"] for k in ("flight_same_date", "flight_cross_year") if k in out]
     if decode:
         out["flight_decode_ms_per_photo"] = max(decode)
     return out
