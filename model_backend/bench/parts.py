@@ -266,7 +266,7 @@ FLOORS: dict[str, Floor] = {
     "flight_cross_year_gain_points": Floor("flight_cross_year_gain_points", ">=", 25.0,
                                            "cross-year flights: top-1 points of the track above each photo alone"),
     "flight_decode_ms_per_photo": Floor("flight_decode_ms_per_photo", "<=", 10.0,
-                                        "decoding (hub-corrected states + Viterbi/forward-backward), ms per photo, median flight of each case"),
+                                        "decoding (states + Viterbi + forward-backward), ms per photo, median flight"),
     "adapt_matrix_before_mean": Floor("adapt_matrix_before_mean", ">=", 0.45,
                                       "cross-year top-1 before adapting, mean of 6 year pairs x seeds (footprint x1)"),
     "adapt_matrix_in_use_mean": Floor("adapt_matrix_in_use_mean", ">=", 0.70,
