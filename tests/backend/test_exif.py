@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,11 @@ def test_visloc_flight_log(data_dir: Path, tmp_path: Path) -> None:
     broken.write_text("num,filename,date,lat,lon,height,Omega,Kappa,Phi1,Phi2\n"
                       "1,a.JPG,2018-10-23T08:32:25,abc,119.9,,0,0,nan,0\n"
                       "2,,x,1,2,3,0,0,0,0\n")
-    assert read_visloc_log(str(broken)) == {"a.JPG": PhotoPriors(lon=119.9)}
+    taken = read_visloc_log(str(broken))["a.JPG"].taken_s  # the flight's clock, read as UTC
+    assert read_visloc_log(str(broken)) == {"a.JPG": PhotoPriors(lon=119.9, taken_s=taken)}
+    assert taken == datetime(2018, 10, 23, 8, 32, 25, tzinfo=UTC).timestamp()
+    times = [log[f"03_{i:04d}.JPG"].taken_s for i in range(1, 769)]
+    assert all(b > a for a, b in zip(times, times[1:]))  # the log is a flight: its rows in time order
     with pytest.raises(InputError):
         read_visloc_log(str(tmp_path / "none.csv"))
 
