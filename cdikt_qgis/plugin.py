@@ -75,11 +75,8 @@ class LocateController(QObject):
         if self._closed:
             return None
         self.notifier.clear()  # messages about the previous request are stale now
-        try:
-            source = capture_raster(params.layer)
-        except LayerError as exc:
-            self.dock.set_status(str(exc))
-            self._push(str(exc), Qgis.Warning)
+        source = self._source(params)
+        if source is None:
             return None
         photo = params.photo
         if not photo:
@@ -89,9 +86,7 @@ class LocateController(QObject):
         else:
             msg = ""
         if msg:
-            self.dock.set_status(msg)
-            self._push(msg, Qgis.Warning)
-            return None
+            return self._refuse(msg)
 
         self._remember(params)
         self.cancel()  # the stale request, if any; its result will be ignored
@@ -100,12 +95,27 @@ class LocateController(QObject):
         out_dir = str(Path(self.settings.results_dir()) / f"{Path(photo).stem}-{stamp}-{self.request}")
         task = LocateTask(self.request, locate_request(params, source, out_dir, self.settings), self._finished,
                           cache_max_bytes=self.settings.cache_max_bytes())
+        self.dock.set_result_available(self.last_result is not None)
+        logger.info("Request %d: locating %s in %s", self.request, photo, source.path)
+        return self._queue(task)
+
+    def _source(self, params: LocateParams):
+        """The raster captured on the main thread, or None after saying why it cannot be used."""
+        try:
+            return capture_raster(params.layer)
+        except LayerError as exc:
+            self._refuse(str(exc))
+            return None
+
+    def _refuse(self, msg: str) -> None:
+        self.dock.set_status(msg)
+        self._push(msg, Qgis.Warning)
+
+    def _queue(self, task):
         task.progressed.connect(self._progress)
         self.task = task
         self.dock.set_running(True)
-        self.dock.set_result_available(self.last_result is not None)
         QgsApplication.taskManager().addTask(task)
-        logger.info("Request %d: locating %s in %s", self.request, photo, source.path)
         return task
 
     def locate_flight(self, params: LocateParams) -> FlightTask | None:
@@ -114,18 +124,13 @@ class LocateController(QObject):
         if self._closed:
             return None
         self.notifier.clear()
-        try:
-            source = capture_raster(params.layer)
-        except LayerError as exc:
-            self.dock.set_status(str(exc))
-            self._push(str(exc), Qgis.Warning)
+        source = self._source(params)
+        if source is None:
             return None
         folder = params.photo
         if not folder or not os.path.isdir(folder):
-            msg = "Pick the flight's folder of photos (Flight)." if not folder else f"Flight folder not found: {folder}"
-            self.dock.set_status(msg)
-            self._push(msg, Qgis.Warning)
-            return None
+            return self._refuse("Pick the flight's folder of photos (Flight)." if not folder
+                                else f"Flight folder not found: {folder}")
         self._remember(params)
         self.cancel()
         self.request += 1
@@ -133,12 +138,8 @@ class LocateController(QObject):
         out_dir = str(Path(self.settings.results_dir()) / f"flight-{Path(folder).name}-{key}")
         task = FlightTask(self.request, flight_request(params, source, out_dir, self.settings), self._finished,
                           cache_max_bytes=self.settings.cache_max_bytes())
-        task.progressed.connect(self._progress)
-        self.task = task
-        self.dock.set_running(True)
-        QgsApplication.taskManager().addTask(task)
         logger.info("Request %d: locating the flight %s in %s", self.request, folder, source.path)
-        return task
+        return self._queue(task)
 
     def _remember(self, params: LocateParams) -> None:
         """The dock opens with the last footprint / top-k used: analysts work in series of photos."""

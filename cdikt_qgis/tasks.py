@@ -141,30 +141,46 @@ def tidy_cache(cache_dir: str | None, max_bytes: int | None, keep: tuple[str, ..
         return CacheState()
 
 
-class LocateTask(EngineTask):
-    """Run one LocateRequest (the index is cached by the engine) on a worker thread (see EngineTask)."""
+class LocatingTask(EngineTask):
+    """One engine run that locates (a photo or a flight) on a worker thread, then tidies the cache to the
+    user's limit; `run_engine` is the engine call, `keep` the index folders the tidy must not remove."""
 
-    def __init__(self, request_id: int, request: Any, on_done: Callable[[LocateTask], None] | None = None,
-                 cache_max_bytes: int | None = None) -> None:
-        super().__init__(f"CDIKT: locating {Path(request.photo).name}", on_done)
+    def __init__(self, request_id: int, request: Any, description: str, on_done: Callable[[Any], None] | None,
+                 cache_max_bytes: int | None) -> None:
+        super().__init__(description, on_done)
         self.request_id = request_id
         self.request = request
         self.cache_max_bytes = cache_max_bytes
         self.cache = CacheState()
         self._start = time.perf_counter()
 
-    def work(self) -> Any:
-        from model_backend.locate.pipeline import locate
+    def run_engine(self) -> tuple[Any, tuple[str, ...]]:
+        raise NotImplementedError
 
+    def work(self) -> Any:
         self._start = time.perf_counter()
         os.makedirs(self.request.out_dir, exist_ok=True)
         self._progress(0.0, "Starting…")
-        result = locate(self.request, progress=self._progress, cancel=self.isCanceled)
-        self.cache = tidy_cache(self.request.cache_dir, self.cache_max_bytes, keep=tuple(result.index_dirs))
+        result, keep = self.run_engine()
+        self.cache = tidy_cache(self.request.cache_dir, self.cache_max_bytes, keep=keep)
         return result
 
     def done_message(self) -> str:
         return f"Done in {time.perf_counter() - self._start:.1f} s"
+
+
+class LocateTask(LocatingTask):
+    """Run one LocateRequest (the index is cached by the engine) on a worker thread (see EngineTask)."""
+
+    def __init__(self, request_id: int, request: Any, on_done: Callable[[LocateTask], None] | None = None,
+                 cache_max_bytes: int | None = None) -> None:
+        super().__init__(request_id, request, f"CDIKT: locating {Path(request.photo).name}", on_done, cache_max_bytes)
+
+    def run_engine(self) -> tuple[Any, tuple[str, ...]]:
+        from model_backend.locate.pipeline import locate
+
+        result = locate(self.request, progress=self._progress, cancel=self.isCanceled)
+        return result, tuple(result.index_dirs)
 
 
 def flight_request(params: LocateParams, source: RasterSource, out_dir: str, settings: Any) -> Any:
@@ -177,27 +193,16 @@ def flight_request(params: LocateParams, source: RasterSource, out_dir: str, set
                          cache_dir=one.cache_dir, verify=one.verify, prior_radius_m=one.prior_radius_m)
 
 
-class FlightTask(EngineTask):
+class FlightTask(LocatingTask):
     """Run one FlightRequest (every photo located, then the track decoded) on a worker thread."""
 
     def __init__(self, request_id: int, request: Any, on_done: Callable[[FlightTask], None] | None = None,
                  cache_max_bytes: int | None = None) -> None:
-        super().__init__(f"CDIKT: locating the flight {Path(request.sources[0]).name}", on_done)
-        self.request_id = request_id
-        self.request = request
-        self.cache_max_bytes = cache_max_bytes
-        self.cache = CacheState()
-        self._start = time.perf_counter()
+        super().__init__(request_id, request, f"CDIKT: locating the flight {Path(request.sources[0]).name}", on_done,
+                         cache_max_bytes)
 
-    def work(self) -> Any:
+    def run_engine(self) -> tuple[Any, tuple[str, ...]]:
         from model_backend.locate.flight.run import locate_flight
 
-        self._start = time.perf_counter()
-        os.makedirs(self.request.out_dir, exist_ok=True)
-        self._progress(0.0, "Starting…")
         result = locate_flight(self.request, progress=self._progress, cancel=self.isCanceled)
-        self.cache = tidy_cache(self.request.cache_dir, self.cache_max_bytes)
-        return result
-
-    def done_message(self) -> str:
-        return f"Done in {time.perf_counter() - self._start:.1f} s"
+        return result, tuple(result.index_dirs)

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class FlightResult:
     decoded: Decoded
     failed: list[str]
     """'photo: reason' for each photo that could not be located (left out of the track)."""
+    index_dirs: list[str] = field(default_factory=list)
+    """Every index the photos were located on (a cache limit keeps them)."""
 
 
 def settings_key(request: FlightRequest, raster_stat: tuple[int, int]) -> str:
@@ -79,7 +81,7 @@ def _record(res, photo: FlightPhoto, key: str, scores_file: Path) -> dict[str, A
     return {"key": key, "photo": str(Path(photo.path).absolute()), "photo_stat": _stat(photo.path),
             "model_sha256": res.model_sha256,
             "footprint_m": res.footprint_m, "candidates": cands, "line": res.json_line(),
-            "index_dir": res.index_dir, "scores": str(scores_file.absolute()),
+            "index_dir": res.index_dir, "index_dirs": list(res.index_dirs), "scores": str(scores_file.absolute()),
             "outputs": [res.heatmap_path, res.geojson_path, res.gpkg_path, str(scores_file.absolute())]}
 
 
@@ -374,7 +376,7 @@ def locate_flight(request: FlightRequest, *, progress: ProgressFn | None = None,
                               for k, (x, y, t) in enumerate(track)], track_props)
     csv_path = write_flight_csv(out / "flight.csv", rows)
     return FlightResult(lines, gpkg, csv_path, order_source, reused, time.perf_counter() - t_start, decode_s, decoded,
-                        failed)
+                        failed, sorted({d for rec in records for d in rec.get("index_dirs", [rec["index_dir"]])}))
 
 
 def _iso(t: float | None) -> str | None:
