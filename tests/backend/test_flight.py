@@ -133,3 +133,18 @@ def test_cli_locate_flight(flight, data_dir: Path, capsys: pytest.CaptureFixture
     assert "neither a photo nor a folder" in capsys.readouterr().err
     assert main(["locate-flight", str(data_dir / NETHERLANDS), str(root / "photos"), "--out", str(root / "x"),
                  "--states", "0"]) == 2
+
+
+def test_gps_in_the_photos_is_a_prior_that_pins_a_cross_year_track(data_dir: Path, tmp_path: Path) -> None:
+    """Photos of 2020 on the 2015 map (other crops): alone mostly wrong; with their EXIF GPS (5 m error) as a
+    prior, the track lands on the truth, and every row reports its GPS distance."""
+    naip = {y: data_dir / f"naip_northdakota_5m_{y}.tif" for y in (2015, 2020)}
+    truth = simulate_flight(naip[2015], FlightPlan("free", 8, 400.0, speed_m_s=12.0), 4, tmp_path / "photos",
+                            photo_raster=naip[2020], gps=True)
+    request = FlightRequest(str(naip[2015]), (str(tmp_path / "photos"),), str(tmp_path / "out"),
+                            query=QueryConfig(footprint_m=400.0), verify=False, cache_dir=str(tmp_path / "cache"))
+    res = locate_flight(request)
+    hits = [np.hypot(line["best_x"] - t.spec.cx, line["best_y"] - t.spec.cy) <= 400.0
+            for line, t in zip(res.lines, truth)]
+    assert sum(hits) >= 7, hits
+    assert all(line.get("gps_distance_m") is not None for line in res.lines)

@@ -25,7 +25,7 @@ from model_backend.core.atomic import atomic_write_bytes
 from model_backend.core.errors import Cancelled, CdiktError, InputError
 from model_backend.core.paths import output_names
 from model_backend.core.requests import FlightRequest
-from model_backend.geo.geodesy import to_wgs84
+from model_backend.geo.geodesy import from_wgs84, metres_per_unit, to_wgs84
 from model_backend.geo.raster import open_raster
 from model_backend.index.build import CancelFn, ProgressFn
 from model_backend.locate.flight.decode import DecodeConfig, Decoded, Move, Observation, decode
@@ -169,7 +169,8 @@ HUB_MIN_PHOTOS = 5
 """A flight needs this many photos on one index before a tile's typical score is its median over them."""
 
 
-def flight_states(records: list[dict[str, Any]], states: int) -> list[list[dict[str, Any]]]:
+def flight_states(records: list[dict[str, Any]], states: int,
+                  gps_lonlat: list[tuple[float, float] | None] | None = None) -> list[list[dict[str, Any]]]:
     """Each photo's places to choose among, with scores corrected for hubs.
 
     Some tiles look like everything (a generic field, a blur of texture) and score near the top for
@@ -179,6 +180,8 @@ def flight_states(records: list[dict[str, Any]], states: int) -> list[list[dict[
     similarity local scaling does. Each photo's places are then its candidates and its `states` best
     tiles by corrected score, every one with `z`: the corrected score in standard deviations above
     the photo's median tile. Flights of fewer than HUB_MIN_PHOTOS photos per index are not corrected.
+    A photo with a GPS position (`gps_lonlat`) also gets every tile within one footprint of it: the
+    prior can only pick the true place if that place is among the states.
     """
     from model_backend.index.store import TileIndex
 
@@ -211,6 +214,12 @@ def flight_states(records: list[dict[str, Any]], states: int) -> list[list[dict[
             k = min(states, int(finite.sum()))
             top = np.argpartition(-adj_sorted, k - 1)[:k] if 0 < k < adj.size else np.flatnonzero(finite)
             top = top[np.argsort(-adj_sorted[top], kind="stable")]
+            gps = gps_lonlat[i] if gps_lonlat else None
+            if gps is not None:
+                gx, gy = from_wgs84(idx.grid.crs_wkt).transform(*gps)
+                fp = records[i]["footprint_m"] / max(metres_per_unit(idx.grid.crs_wkt, gx, gy)[0], 1e-12)
+                near = np.flatnonzero(finite & (np.hypot(xs - gx, ys - gy) <= fp))
+                top = np.concatenate([top, near[~np.isin(near, top)]])
             lons, lats = (np.atleast_1d(a) for a in to_ll.transform(xs[top], ys[top]))
             places = []
             for c in records[i]["candidates"]:
@@ -359,7 +368,9 @@ def locate_flight(request: FlightRequest, *, progress: ProgressFn | None = None,
     if cancel and cancel():
         raise Cancelled()
     t_dec = time.perf_counter()
-    places = flight_states(records, request.states)
+    gps = [(p.priors.lon, p.priors.lat) if request.use_gps and p.priors.lat is not None and p.priors.lon is not None
+           else None for p in photos]
+    places = flight_states(records, request.states, gps)
     decoded = decode(observations(places, records, photos, request.use_gps, order_source == "time", moves), cfg)
     decode_s = time.perf_counter() - t_dec
     lines, rows, track = _assemble(places, records, photos, decoded, info.crs_wkt)
