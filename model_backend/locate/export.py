@@ -252,18 +252,25 @@ def write_gpkg(path: str | os.PathLike[str], candidates: Sequence[Candidate], cr
     return write_polygon_gpkg(path, crs_wkt, layer, fields, [(c.polygon, r) for c, r in zip(candidates, rows)])
 
 
+def new_gpkg(path: str, crs_wkt: str) -> tuple[Any, Any]:
+    """A new, empty GeoPackage and the raster's CRS for its layers (x = easting, whatever the CRS's axis order)."""
+    from osgeo import ogr, osr
+
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(crs_wkt)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return ogr.GetDriverByName("GPKG").CreateDataSource(path), srs
+
+
 def write_polygon_gpkg(path: str | os.PathLike[str], crs_wkt: str, layer: str, fields: dict[str, type],
                        features: Sequence[tuple[Ring, dict[str, Any]]]) -> str:
     """One polygon layer in a new GeoPackage, atomically: fields typed from Python types (bool, int,
     float, str; anything else stored as JSON text), one feature per (ring, properties)."""
-    from osgeo import ogr, osr
+    from osgeo import ogr
 
     names = {k: (f"{k}_" if k.lower() in ("fid", "geom") else k) for k in fields}
     with gdal_exceptions(), atomic_path(path) as tmp:
-        srs = osr.SpatialReference()
-        srs.ImportFromWkt(crs_wkt)
-        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-        ds = ogr.GetDriverByName("GPKG").CreateDataSource(tmp)
+        ds, srs = new_gpkg(tmp, crs_wkt)
         lyr = feat = None
         try:
             lyr = ds.CreateLayer(layer, srs, ogr.wkbPolygon, options=["GEOMETRY_NAME=geom", "FID=fid"])

@@ -217,7 +217,7 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
         progress(0.0, "Loading model…")
     net = embedder or EmbeddingModel.load(model.weights, model.device, model.threads, model.runtime)
     footprints, source, given = choose_footprints(info, photo, tiling, query)
-    out = _prepare_out_dir(out_dir)
+    out = prepare_out_dir(out_dir)
 
     priors = read_priors(photo)
     gps = gps_xy(priors, info.crs_wkt)
@@ -285,7 +285,8 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     )
 
 
-def _prepare_out_dir(out_dir: str) -> Path:
+def prepare_out_dir(out_dir: str) -> Path:
+    """The output folder, created; InputError with what to do when it cannot be."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -137,8 +137,9 @@ def satellite_crop(raster: str, cx: float, cy: float, footprint_m: float, size: 
 
 def _area_ok(ds: rasterio.io.DatasetReader, info: RasterInfo, win: Window, min_valid: float,
              region: Region = WHOLE) -> bool:
-    if not _inside(info, win) or not region.holds(info.width, info.height, win.col_off, win.row_off,
-                                                   win.col_off + win.width, win.row_off + win.height):
+    # A region lies within the raster (fractions 0..1), so holding the window is the bounds check too.
+    if not region.holds(info.width, info.height, win.col_off, win.row_off,
+                        win.col_off + win.width, win.row_off + win.height):
         return False
     side = max(8, min(64, int(max(win.width, win.height))))
     return float(_valid(ds, info, win, (side, side)).mean()) >= min_valid

@@ -165,8 +165,7 @@ def random_spec(rng: np.random.Generator, info: RasterInfo, footprint_m: float, 
             px, py = rng.uniform(x0, x1), rng.uniform(y0, y1)
             spec = ViewSpec(*(a * (px, py)), footprint_m, *geometry, **photo)
             q = _quad_px(info, spec, size)
-            if q.min() < 0 or (q[:, 0] > info.width).any() or (q[:, 1] > info.height).any() \
-                    or not region.holds(info.width, info.height, *q.min(0), *q.max(0)):
+            if not region.holds(info.width, info.height, *q.min(0), *q.max(0)):  # the raster's bounds included
                 continue
             if _quad_valid(ds, info, q):
                 return spec

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from model_backend.core.errors import InputError
 from model_backend.geo.exif import PhotoPriors, read_priors, read_visloc_log
+from model_backend.locate.outputs import OUTPUT_SUFFIXES
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-OWN_OUTPUTS = (".heatmap.tif", ".draped.tif")
+OWN_OUTPUTS = tuple(s for s in OUTPUT_SUFFIXES if s.endswith(PHOTO_SUFFIXES))
 """Locate's own rasters: never photos, though a flight's outputs may be written into its photo folder."""
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from model_backend.core.atomic import atomic_path, atomic_write_bytes
-from model_backend.locate.export import gdal_exceptions, ogr_field
+from model_backend.locate.export import gdal_exceptions, new_gpkg, ogr_field
 
 PHOTO_FIELDS: dict[str, type] = {
     "order": int, "photo": str, "time": str, "time_s": float, "chosen_rank": int, "x": float, "y": float,
@@ -39,13 +39,10 @@ def write_flight_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]
 def write_flight_gpkg(path: str | os.PathLike[str], crs_wkt: str, rows: Sequence[dict[str, Any]],
                       track: Sequence[tuple[float, float, float]], track_props: dict[str, Any]) -> str:
     """Layers `track` (one LineStringM: x, y, M = seconds since the first photo) and `photos` (points)."""
-    from osgeo import ogr, osr
+    from osgeo import ogr
 
     with gdal_exceptions(), atomic_path(path) as tmp:
-        srs = osr.SpatialReference()
-        srs.ImportFromWkt(crs_wkt)
-        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-        ds = ogr.GetDriverByName("GPKG").CreateDataSource(tmp)
+        ds, srs = new_gpkg(tmp, crs_wkt)
         lyr = feat = None
         try:
             lyr = ds.CreateLayer("track", srs, ogr.wkbLineStringM, options=["GEOMETRY_NAME=geom", "FID=fid"])

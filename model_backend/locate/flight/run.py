@@ -31,7 +31,7 @@ from model_backend.index.build import CancelFn, ProgressFn
 from model_backend.locate.flight.decode import DecodeConfig, Decoded, Move, Observation, decode
 from model_backend.locate.flight.order import FlightPhoto, order_flight
 from model_backend.locate.flight.outputs import write_flight_csv, write_flight_gpkg
-from model_backend.locate.pipeline import locate_photo
+from model_backend.locate.pipeline import locate_photo, prepare_out_dir
 from model_backend.nn.embedder import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -285,14 +285,14 @@ def observations(places: list[list[dict[str, Any]]], records: list[dict[str, Any
         unmatched = frozenset(g for g, m in measured.items() if m is None)
         after = moves[k + 1] if moves and k + 1 < len(moves) else {}
         stray = 1 in unmatched and 1 in after and after[1] is None and after.get(2) is not None
-        xs, ys = _metres(frame, np.array([k["lon"] for k in c]), np.array([k["lat"] for k in c]))
-        verified = np.array([k["confidence"] if k["verified"] else 0.0 for k in c])
-        heads = np.array([k["heading_deg"] if k["heading_deg"] is not None else np.nan for k in c], np.float64)
+        xs, ys = _metres(frame, np.array([p["lon"] for p in c]), np.array([p["lat"] for p in c]))
+        verified = np.array([p["confidence"] if p["verified"] else 0.0 for p in c])
+        heads = np.array([p["heading_deg"] if p["heading_deg"] is not None else np.nan for p in c], np.float64)
         gps = None
         if use_gps and ph.priors.lat is not None and ph.priors.lon is not None:
             gx, gy = _metres(frame, np.array([ph.priors.lon]), np.array([ph.priors.lat]))
             gps = (float(gx[0]), float(gy[0]))
-        out.append(Observation(xs, ys, np.array([k["z"] for k in c]), rec["footprint_m"],
+        out.append(Observation(xs, ys, np.array([p["z"] for p in c]), rec["footprint_m"],
                                time_s=(ph.taken_s - t0) if use_time and ph.taken_s is not None else None,
                                verified=verified if verified.any() else None,
                                heading_deg=heads if np.isfinite(heads).any() else None, gps_xy=gps, moves=known,
@@ -306,11 +306,7 @@ def locate_flight(request: FlightRequest, *, progress: ProgressFn | None = None,
     t_start = time.perf_counter()
     info = open_raster(request.raster)
     photos, order_source = order_flight(list(request.sources), request.log)
-    out = Path(request.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"Cannot create the output folder {out} ({exc.strerror}); choose another --out.") from None
+    out = prepare_out_dir(request.out_dir)
     st = Path(request.raster).stat()
     key = settings_key(request, (st.st_size, int(st.st_mtime)))
     names = output_names([p.path for p in photos])
