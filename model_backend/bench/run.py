@@ -39,6 +39,7 @@ from model_backend.bench.localisation import synthetic_localisation
 from model_backend.bench.parts import FLOORS, QUICK_SKIPS, SCALE_PARTS, device_name, floors, peak_rss_mb, run_part
 from model_backend.bench.scale import mosaic_vrt
 from model_backend.core.config import ModelConfig, TilingConfig
+from model_backend.core.machine import cpu_identity
 from model_backend.core.space import folder_bytes
 from model_backend.geo.exif import load_photo
 from model_backend.geo.raster import open_raster
@@ -383,10 +384,12 @@ def run_all(args: argparse.Namespace, tmp: Path, t_start: float, say: Say) -> di
         "cuda": torch.cuda.is_available(), "model": net.meta.weights_name, "dim": net.meta.dim,
         "input_size": net.meta.input_size, "batch_size": BATCH, "quick": args.quick,
         "model_load_s": round(time.perf_counter() - t_start, 2), "rss_after_load_mb": round(peak_rss_mb(), 1),
+        "cpu": cpu_identity().to_dict(),
     }
     say(f"cdikt bench: {out['device_name']} ({out['device']}), runtime {net.runtime} with {threads} threads, "
         f"torch {out['torch']}, {out['cpu_count']} CPUs, {net.meta.weights_name}{' (quick)' if args.quick else ''}; "
         f"model load {out['model_load_s']:.1f} s (with the runtime's export)")
+    say(f"cpu      {cpu_identity().describe()}: figures from another processor are not comparable")
     q = args.quick
     parts: dict[str, Callable[[], dict[str, Any]]] = {
         "speed": lambda: bench_speed(net, tmp, q, say),

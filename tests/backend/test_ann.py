@@ -55,7 +55,7 @@ def test_recall_at_10_against_exact_search(index: TileIndex, base: np.ndarray) -
 def test_score_tiles_uses_it_above_the_threshold_only(index: TileIndex, base: np.ndarray,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     q = augment(base, 8, 0.01, seed=5).astype(np.float32)  # eight "rotations" of a photo
-    exact_best, exact_which = tile_similarity(index, q, ann_min_tiles=N + 1)
+    exact_best, exact_which = tile_similarity(index, q, ann_min_tiles=N + 1, kernel="fp32")
     assert np.isfinite(exact_best).all()
     best, which = tile_similarity(index, q, ann_min_tiles=N)
     scored = np.isfinite(best)
