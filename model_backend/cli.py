@@ -60,7 +60,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=float, default=0.5, help="tile step as a fraction of the footprint (1/n)")
     _cache_dir(p)
     p.add_argument("--runtime", default="auto", choices=RUNTIME_NAMES,
-                   help="CPU inference engine (default auto: OpenVINO, else ONNX Runtime, else PyTorch)")
+                   help="CPU inference engine (default auto: the fastest measured on this machine, once; "
+                        "see the `machine` command)")
     _verbose(p)
 
 
@@ -127,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     _weights(p)
     _device(p)
     _verbose(p)
+
+    p = sub.add_parser("machine", help="this processor and what was measured on it: CPU runtime, scoring kernel")
+    p.add_argument("--measure", action="store_true",
+                   help="forget the stored measurements and measure again now (a few seconds)")
+    _weights(p)
+    _verbose(p)
+    p.set_defaults(device="cpu", batch_size=32)
 
     p = sub.add_parser("cache", help="list the cache (indexes, partial builds, runtime exports) or shrink it")
     group = p.add_mutually_exclusive_group()
@@ -237,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "cache":
             return _cache(args)
+        if args.command == "machine":
+            return _machine(args)
         if args.command == "index":
             return _index(args, model)
         if args.command == "locate-flight":
@@ -267,6 +277,21 @@ def _adapt(args: argparse.Namespace, model: ModelConfig) -> int:
 
     result = adapt_model(request, progress=_progress(args.verbose))
     print(result.json_line(), flush=True)
+    return 0
+
+
+def _machine(args: argparse.Namespace) -> int:
+    """Prints one JSON object: the processor's identity and every choice measured on it (with its figures)."""
+    from model_backend.core import machine
+
+    if args.measure:
+        from model_backend.index.scoring import measured_kernels
+        from model_backend.nn.embedder import EmbeddingModel
+
+        machine.forget()
+        net = EmbeddingModel.load(args.weights, device="cpu", runtime="auto")
+        measured_kernels(net.meta.dim)  # a fresh process: nothing of the forgotten profile is held in memory
+    print(json.dumps({**machine.profile(), "file": str(machine.profile_path())}, indent=1), flush=True)
     return 0
 
 

@@ -52,7 +52,7 @@ from model_backend.locate.candidates import select_candidates
 from model_backend.locate.heatmap import write_heatmap
 from model_backend.locate.query import embed_photo, score_tiles
 from model_backend.nn.embedder import EmbeddingModel
-from model_backend.nn.runtime import cpu_threads
+from model_backend.nn.runtime import cpu_threads, runner_label
 
 MOSAIC_SOURCES = (DATA / "manila_oam_0.10m.tif", ROOT / "resources" / "sample" / "manila_oam_0.10m.tif")
 PHOTOS = (DATA / "DJI_0061.JPG", ROOT / "resources" / "sample" / "drone_view.jpg")
@@ -386,7 +386,8 @@ def run_all(args: argparse.Namespace, tmp: Path, t_start: float, say: Say) -> di
         "model_load_s": round(time.perf_counter() - t_start, 2), "rss_after_load_mb": round(peak_rss_mb(), 1),
         "cpu": cpu_identity().to_dict(),
     }
-    say(f"cdikt bench: {out['device_name']} ({out['device']}), runtime {net.runtime} with {threads} threads, "
+    say(f"cdikt bench: {out['device_name']} ({out['device']}), runtime {runner_label(net.runner)} "
+        f"with {threads} threads, "
         f"torch {out['torch']}, {out['cpu_count']} CPUs, {net.meta.weights_name}{' (quick)' if args.quick else ''}; "
         f"model load {out['model_load_s']:.1f} s (with the runtime's export)")
     say(f"cpu      {cpu_identity().describe()}: figures from another processor are not comparable")

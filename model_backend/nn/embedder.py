@@ -66,7 +66,8 @@ class EmbeddingModel:
         Embeddings agree across runtimes (checked when the runner is made), so indexes built by
         one are queried by another: the index key does not depend on it, the manifest records it.
         """
-        from model_backend.nn.runtime import RuntimeSpec, select_runner
+        from model_backend.nn.runtime import RuntimeSpec
+        from model_backend.nn.runtime_select import select_runner
 
         spec = RuntimeSpec(self.meta.weights_sha256 or "unhashed", self.meta.input_size,
                            self.meta.architecture, self.meta.pooling)

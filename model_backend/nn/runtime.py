@@ -37,15 +37,11 @@ from torch import nn
 from model_backend.core.atomic import atomic_path, atomic_save_npy
 from model_backend.core.config import RUNTIME_NAMES
 from model_backend.core.paths import runtimes_dir
-from model_backend.core.space import disk_full, no_space_error
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = RUNTIME_NAMES
-"""Values of `ModelConfig.runtime`. 'auto' tries the fast CPU runtimes in AUTO_ORDER."""
-AUTO_ORDER = ("openvino", "onnxruntime")
-"""OpenVINO first: fp32 on the same exported graph, 1.25x ONNX Runtime (no spinning) and 1.5x ONNX
-Runtime's defaults here, measured batch by batch in alternation on a shared 2-core machine."""
+"""Values of `ModelConfig.runtime`. 'auto' runs the one measured fastest on this machine (nn.runtime_select)."""
 ONNX_OPSET = 18
 MIN_AGREEMENT = 0.999
 """Smallest cosine allowed between a runner's embedding and PyTorch's on the probe batch."""
@@ -218,20 +214,24 @@ def uint8_input_graph(path: Path, mean: tuple[float, ...], std: tuple[float, ...
 
 
 class OnnxRuntimeRunner:
-    """ONNX Runtime, CPU execution provider, fp32, one intra-op pool of `threads`."""
+    """ONNX Runtime, CPU execution provider, fp32: one intra-op pool of `threads` without spinning, or
+    (`defaults`) a session exactly as a user would open it, ONNX Runtime choosing threads and spinning."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int, spinning: bool = False, model_bytes: bytes | None = None) -> None:
+    def __init__(self, path: Path, threads: int, spinning: bool = False, model_bytes: bytes | None = None,
+                 defaults: bool = False) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        # Spinning workers would burn the core the reader thread needs between batches.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.path, self.threads, self.spinning = path, threads, spinning
+        if not defaults:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            # Spinning workers would burn the core the reader thread needs between batches.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.path, self.threads, self.spinning, self.defaults = path, threads, spinning, defaults
+        self.label = "onnxruntime-defaults" if defaults else "onnxruntime"
         self.session = ort.InferenceSession(model_bytes or str(path), so, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
@@ -240,7 +240,8 @@ class OnnxRuntimeRunner:
 
     def with_uint8_input(self, mean: tuple[float, ...], std: tuple[float, ...]) -> OnnxRuntimeRunner:
         """The same session settings on `uint8_input_graph`: takes (B, 3, H, W) uint8."""
-        return OnnxRuntimeRunner(self.path, self.threads, self.spinning, uint8_input_graph(self.path, mean, std))
+        return OnnxRuntimeRunner(self.path, self.threads, self.spinning, uint8_input_graph(self.path, mean, std),
+                                 self.defaults)
 
 
 class OpenVinoRunner:
@@ -253,6 +254,7 @@ class OpenVinoRunner:
     """
 
     name = "openvino"
+    label = "openvino"
 
     def __init__(self, path: Path, threads: int, streams: int | None = None, requests_per_stream: int = 2,
                  model_bytes: bytes | None = None) -> None:
@@ -288,7 +290,12 @@ class OpenVinoRunner:
                               uint8_input_graph(self.path, mean, std))
 
 
-RUNNERS: dict[str, Callable[[Path, int], Runner]] = {"openvino": OpenVinoRunner, "onnxruntime": OnnxRuntimeRunner}
+RUNNERS: dict[str, Callable[..., Runner]] = {"openvino": OpenVinoRunner, "onnxruntime": OnnxRuntimeRunner}
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "openvino": ("openvino", {}), "onnxruntime": ("onnxruntime", {}),
+    "onnxruntime-defaults": ("onnxruntime", {"defaults": True}),
+}
+"""Every runner `auto` may measure, by label: (runtime, its factory's settings)."""
 
 
 def probe_batch(size: int, n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -349,12 +356,13 @@ def uint8_runner(runner: Runner, mean: tuple[float, ...], std: tuple[float, ...]
 
 def make_runner(name: str, net: nn.Module, spec: RuntimeSpec, threads: int | None = None,
                 folder: Path | None = None) -> Runner:
-    """One named runtime over the cached export, checked against PyTorch; raises if it cannot be used."""
-    if name not in RUNNERS:
+    """One runtime (name or `VARIANTS` label) over the cached export, checked against PyTorch; raises if not usable."""
+    if name not in VARIANTS:
         raise ValueError(f"Unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
-    factory = RUNNERS[name]
+    runtime, settings = VARIANTS[name]
+    factory = RUNNERS[runtime]
     path = export_onnx(net, spec, folder)
-    runner = factory(path, cpu_threads(threads))
+    runner = factory(path, cpu_threads(threads), **settings)
     cos = agreement(runner, path, spec.input_size)
     if not cos >= MIN_AGREEMENT:  # NaN (a damaged export) fails too; the export is made again next time
         for stale in (path, probe_path(path)):
@@ -364,38 +372,6 @@ def make_runner(name: str, net: nn.Module, spec: RuntimeSpec, threads: int | Non
     return runner
 
 
-def select_runner(requested: str, net: nn.Module, spec: RuntimeSpec, device: torch.device,
-                  threads: int | None = None, folder: Path | None = None) -> Runner | None:
-    """The runner for `requested` on `device`, or None for PyTorch itself.
-
-    'auto' can be overridden by $CDIKT_RUNTIME. CUDA always stays on PyTorch (bf16 autocast +
-    channels_last there). A fast runtime that is missing or fails (export, load, agreement)
-    falls back to PyTorch with a log line: indexing slower is better than not indexing.
-    """
-    if requested == "auto" and os.environ.get("CDIKT_RUNTIME", "auto") in RUNTIMES:
-        requested = os.environ.get("CDIKT_RUNTIME", "auto")  # lets a user or the plugin's host force one
-    if requested not in RUNTIMES:
-        raise ValueError(f"Unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
-    if requested == "torch":
-        return None
-    if device.type != "cpu":
-        if requested != "auto":
-            log.warning("Runtime %s is for CPU; %s runs PyTorch", requested, device)
-        return None
-    names = AUTO_ORDER if requested == "auto" else (requested,)
-    for name in names:
-        try:
-            runner = make_runner(name, net, spec, threads, folder)
-            log.info("CPU runtime: %s (%d threads)", name, cpu_threads(threads))
-            return runner
-        except ImportError as exc:
-            log.log(logging.INFO if requested == "auto" else logging.WARNING,
-                    "Runtime %s is not installed (%s)", name, exc)
-        except Exception as exc:  # export or runtime failure: never fatal, PyTorch still works
-            cache = folder or runtimes_dir()
-            if disk_full(exc, cache.parent if not cache.exists() else cache):  # but a full cache would fail later
-                raise no_space_error(cache, EXPORT_BYTES, "the model's CPU export",
-                                     "Free some space or set another cache folder (CDIKT_CACHE_DIR).") from None
-            log.warning("Runtime %s unusable (%s: %s)", name, type(exc).__name__, str(exc)[:200])
-    log.warning("Falling back to PyTorch on CPU (requested runtime: %s)", requested)
-    return None
+def runner_label(runner: Runner | None) -> str:
+    """The `VARIANTS` label of a runner ('torch' for None): what `auto` measured and chose."""
+    return "torch" if runner is None else str(getattr(runner, "label", runner.name))

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from model_backend.bench.scale import real_tiles
+from model_backend.core import machine
 from model_backend.core.config import TilingConfig
 from model_backend.geo.raster import open_raster
 from model_backend.index.build import build_index, index_folder
 from model_backend.nn import runtime as rt
+from model_backend.nn import runtime_select as rs
 from model_backend.nn.embedder import EmbeddingModel
 
 
@@ -74,27 +76,53 @@ def test_runtime_agrees_with_torch_fp32_on_real_tiles(name: str, tiles: np.ndarr
     assert one.shape == (1, reference.shape[1]) and float(one[0] @ reference[0]) >= 0.999
 
 
-def test_auto_prefers_a_fast_runtime_on_cpu_and_torch_on_cuda(torch_model: EmbeddingModel,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_runs_the_runtime_measured_fastest_on_this_machine_and_torch_on_cuda(
+        torch_model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     spec = rt.RuntimeSpec(torch_model.meta.weights_sha256, torch_model.meta.input_size)
     monkeypatch.setenv("CDIKT_RUNTIME", "torch")  # a user's override of 'auto'
-    assert rt.select_runner("auto", torch_model.net, spec, torch.device("cpu")) is None
+    assert rs.select_runner("auto", torch_model.net, spec, torch.device("cpu")) is None
     monkeypatch.delenv("CDIKT_RUNTIME")
-    assert rt.select_runner("torch", torch_model.net, spec, torch.device("cpu")) is None
-    assert rt.select_runner("auto", torch_model.net, spec, torch.device("cuda")) is None  # no runner is even made
-    runner = rt.select_runner("auto", torch_model.net, spec, torch.device("cpu"))
-    if _available():
-        assert runner is not None and runner.name == _available()[0]
+    assert rs.select_runner("torch", torch_model.net, spec, torch.device("cpu")) is None
+    assert rs.select_runner("auto", torch_model.net, spec, torch.device("cuda")) is None  # no runner is even made
     with pytest.raises(ValueError, match="Unknown runtime"):
-        rt.select_runner("tensorrt", torch_model.net, spec, torch.device("cpu"))
+        rs.select_runner("tensorrt", torch_model.net, spec, torch.device("cpu"))
+    # First use on a machine: every candidate is measured, the fastest kept, the figures stored.
+    monkeypatch.setenv("CDIKT_MACHINE_DIR", str(tmp_path / "machine"))
+    with caplog.at_level(logging.INFO, logger="model_backend.nn.runtime_select"):
+        runner = rs.select_runner("auto", torch_model.net, spec, torch.device("cpu"))
+    stored = machine.profile()["choices"][rs.runtime_topic(spec, None)]
+    rates = stored["tiles_per_s"]
+    assert set(rates) == set(rs.CANDIDATES) and rates["torch"] > 0
+    for name in _available():
+        assert rates[name] > 0 and rates["onnxruntime-defaults" if name == "onnxruntime" else name] > 0
+    assert stored["choice"] == rs.choose({k: v for k, v in rates.items() if v})
+    assert rt.runner_label(runner) == stored["choice"]
+    assert "Measuring the CPU runtimes once" in caplog.text and "the fastest measured on this machine" in caplog.text
+    # Never slower than ONNX Runtime's defaults, as measured: the choice is at least as fast.
+    if rates.get("onnxruntime-defaults"):
+        assert rates[stored["choice"]] >= rates["onnxruntime-defaults"]
+    # Remembered: the next load (another weights file of the same network) measures nothing.
+    monkeypatch.setattr(rs, "measure_runtimes", lambda *_a, **_k: pytest.fail("measured twice"))
+    other = rt.RuntimeSpec("another-adapted-model", torch_model.meta.input_size)
+    assert rs.runtime_topic(other, None) == rs.runtime_topic(spec, None)
+    again = rs.select_runner("auto", torch_model.net, spec, torch.device("cpu"))
+    assert rt.runner_label(again) == stored["choice"]
+
+
+def test_choice_keeps_onnxruntime_defaults_unless_clearly_beaten() -> None:
+    assert rs.choose({"openvino": 101.0, "onnxruntime-defaults": 100.0, "torch": 30.0}) == "onnxruntime-defaults"
+    assert rs.choose({"openvino": 110.0, "onnxruntime-defaults": 100.0}) == "openvino"
+    assert rs.choose({"openvino": 110.0, "torch": 30.0}) == "openvino"  # no ONNX Runtime here
+    assert rs.choose({"torch": 30.0}) == "torch" and rs.choose({}) == "torch"
 
 
 def test_missing_or_broken_runtime_falls_back_to_torch(torch_model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+                                                      caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     spec = rt.RuntimeSpec(torch_model.meta.weights_sha256, torch_model.meta.input_size)
     dim = torch_model.meta.dim
 
-    def missing(path: Path, threads: int) -> rt.Runner:
+    def missing(path: Path, threads: int, **_settings) -> rt.Runner:
         raise ImportError("No module named 'openvino'")
 
     class Wrong:
@@ -102,7 +130,7 @@ def test_missing_or_broken_runtime_falls_back_to_torch(torch_model: EmbeddingMod
 
         name = "onnxruntime"
 
-        def __init__(self, path: Path, threads: int) -> None:
+        def __init__(self, path: Path, threads: int, **_settings) -> None:
             self.rng = np.random.default_rng(0)
 
         def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -111,9 +139,18 @@ def test_missing_or_broken_runtime_falls_back_to_torch(torch_model: EmbeddingMod
 
     monkeypatch.setitem(rt.RUNNERS, "openvino", missing)
     monkeypatch.setitem(rt.RUNNERS, "onnxruntime", Wrong)
-    with caplog.at_level(logging.INFO, logger="model_backend.nn.runtime"):
-        assert rt.select_runner("auto", torch_model.net, spec, torch.device("cpu")) is None
+    # A choice measured earlier (openvino) that no longer works falls through to the next, then PyTorch.
+    monkeypatch.setenv("CDIKT_MACHINE_DIR", str(tmp_path / "machine"))
+    machine.remembered(rs.runtime_topic(spec, None), lambda: {
+        "choice": "openvino", "tiles_per_s": {"openvino": 250.0, "onnxruntime": 240.0, "torch": 60.0}})
+    with caplog.at_level(logging.INFO, logger="model_backend.nn.runtime_select"):
+        assert rs.select_runner("auto", torch_model.net, spec, torch.device("cpu")) is None
     assert "disagrees with PyTorch" in caplog.text and "Falling back to PyTorch" in caplog.text
+    # Measured afresh with both broken: neither is chosen, PyTorch is.
+    monkeypatch.setenv("CDIKT_MACHINE_DIR", str(tmp_path / "machine2"))
+    assert rs.select_runner("auto", torch_model.net, spec, torch.device("cpu")) is None
+    stored = machine.profile()["choices"][rs.runtime_topic(spec, None)]
+    assert stored["choice"] == "torch" and set(stored["errors"]) == {"openvino", "onnxruntime", "onnxruntime-defaults"}
 
 
 def test_export_is_cached_by_weights_size_and_opset(torch_model: EmbeddingModel) -> None:

@@ -156,3 +156,17 @@ def test_the_machine_profile_names_the_processor_and_forgets_on_request(tmp_path
     # A profile of another format is measured again, not trusted.
     machine.profile_path().write_text(json.dumps({"format": 99, "choices": {"u/b": {"y": 5}}}))
     assert machine.remembered("u/b", lambda: {"y": 6}) == {"y": 6}
+
+
+def test_cli_machine_prints_the_processor_and_its_measured_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from model_backend.cli import main
+
+    monkeypatch.setenv("CDIKT_MACHINE_DIR", str(tmp_path))
+    scoring._remembered_kernels.cache_clear()
+    scoring.measured_kernels(64)
+    scoring._remembered_kernels.cache_clear()
+    assert main(["machine"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cpu"]["model"] == machine.cpu_identity().model and out["file"] == str(machine.profile_path())
+    assert [t for t in out["choices"] if t.startswith("scoring/64d/")]

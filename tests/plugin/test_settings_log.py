@@ -87,3 +87,29 @@ def test_qgis_app_helper_reuses_the_running_application(qgis_app) -> None:
     with qgis_app_ctx() as app:
         assert app is QgsApplication.instance()
         assert QgsApplication.prefixPath()  # initialised, not just constructed
+
+
+def test_the_cpu_runtime_chosen_and_its_measured_figures_reach_the_qgis_log(qgis_app) -> None:
+    """What `auto` measured on this machine is visible where the analyst looks: the CDIKT log tab."""
+    from qgis.core import QgsApplication
+
+    from cdikt_qgis import log as cdikt_log
+    from model_backend.nn.embedder import EmbeddingModel
+
+    seen: list[str] = []
+
+    def record(message: str, tag: str, level) -> None:
+        if tag == "CDIKT":
+            seen.append(message)
+
+    QgsApplication.messageLog().messageReceived.connect(record)
+    try:
+        cdikt_log.install()
+        net = EmbeddingModel.load(device="cpu", runtime="auto")
+    finally:
+        cdikt_log.uninstall()
+        QgsApplication.messageLog().messageReceived.disconnect(record)
+    lines = [m for m in seen if "CPU runtime:" in m]
+    assert lines and "fastest measured on this machine" in lines[-1] and "tiles/s" in lines[-1]
+    assert lines[-1].split("CPU runtime: ")[1].startswith(
+        {"openvino": "openvino", "onnxruntime": "onnxruntime", "torch": "PyTorch"}[net.runtime])
