@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from model_backend.geo.reader import FILL_RGB
-from model_backend.index.scoring import max_scores
+from model_backend.index.scoring import EXACT_TOP, max_scores
 from model_backend.index.store import TileIndex
 from model_backend.locate.priors import north_up
 from model_backend.locate.scores import TileScores
@@ -67,7 +67,7 @@ def score_tiles(index: TileIndex, queries: np.ndarray, ann_min_tiles: int | None
     return TileScores(index.grid, index.cols, index.rows, best, which)
 
 
-def tile_similarity(index: TileIndex, queries: np.ndarray, exact_top: int = 4096,
+def tile_similarity(index: TileIndex, queries: np.ndarray, exact_top: int = EXACT_TOP,
                     ann_min_tiles: int | None = None, kernel: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Best cosine similarity of each tile over the query rotations, and which rotation won.
 
