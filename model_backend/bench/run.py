@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from model_backend.bench.common import BATCH, DATA, ROOT, SEED
-from model_backend.bench.flight import flight_benchmark
+from model_backend.bench.flight import flight_benchmark, flight_scale_benchmark
 from model_backend.bench.footprint import footprint_benchmark
 from model_backend.bench.localisation import synthetic_localisation
 from model_backend.bench.parts import FLOORS, QUICK_SKIPS, SCALE_PARTS, device_name, floors, peak_rss_mb, run_part
@@ -295,8 +295,8 @@ def bench_accuracy(net: EmbeddingModel, tmp: Path, n_views: int, say: Say) -> di
             "median_error_m": round(med, 2), "accuracy_views": int(n), "accuracy": per}
 
 
-PARTS = ("speed", "query", "photo", "accuracy", "footprint", "flight", *SCALE_PARTS, "training", "gpu", "adapt",
-         "adapt_matrix")
+PARTS = ("speed", "query", "photo", "accuracy", "footprint", "flight", "flight_scale", *SCALE_PARTS, "training", "gpu",
+         "adapt", "adapt_matrix")
 """Every part, in the order run; `--skip scale` stands for all of SCALE_PARTS."""
 
 
@@ -399,6 +399,8 @@ def run_all(args: argparse.Namespace, tmp: Path, t_start: float, say: Say) -> di
         "accuracy": lambda: bench_accuracy(net, tmp, args.views or (12 if q else 60), say),
         "footprint": lambda: footprint_benchmark(net, tmp, args.views or (12 if q else 60), say),
         "flight": lambda: flight_benchmark(net, tmp, say, seeds=(2,) if q else (2, 3, 4), n_photos=12 if q else 30),
+        "flight_scale": lambda: flight_scale_benchmark(net, tmp, say, n_photos=60 if q else 500,
+                                                       tolerances=(0.0,) if q else (0.0, 0.3)),
         "runtimes": lambda: bp.part_runtimes(args.threads, q, say),
         "query_with_embed": lambda: bp.part_query_with_embed(q, say),
         "ann": lambda: bp.part_ann(q, say),
