@@ -53,9 +53,11 @@ def flight_case(map_raster: str | Path, plan: FlightPlan, seed: int, net: Embedd
     wall = time.perf_counter() - t0
     crs = open_raster(str(map_raster)).crs_wkt
     by_name = {Path(t.path).name: t for t in truth}
-    tx, ty, bx, by, ix, iy, fp = [], [], [], [], [], [], []
+    tx, ty, bx, by, ix, iy, fp, bare, flags = [], [], [], [], [], [], [], [], []
     for line in res.lines:
         t = by_name[Path(line["photo"]).name]
+        bare.append(t.featureless)
+        flags.append(line["flag"])
         tx.append(t.spec.cx)
         ty.append(t.spec.cy)
         fp.append(t.spec.footprint_m * t.spec.scale)
@@ -71,6 +73,7 @@ def flight_case(map_raster: str | Path, plan: FlightPlan, seed: int, net: Embedd
             "track_hits": int((err_track <= fp_arr).sum()), "alone_hits": int((err_alone <= fp_arr).sum()),
             "track_errors_m": err_track.round(2).tolist(), "alone_errors_m": err_alone.round(2).tolist(),
             "outliers": sum(line["flag"] == "outlier" for line in res.lines),
+            "featureless": bare, "flags": flags, "footprints_m": fp_arr.round(2).tolist(), "failed": len(res.failed),
             "decode_ms_per_photo": 1000.0 * res.decode_seconds / max(1, len(res.lines)),
             "seconds_per_photo": wall / max(1, len(res.lines))}
 
@@ -93,8 +96,33 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "seconds_per_photo_median": round(float(np.median([r["seconds_per_photo"] for r in runs])), 3)}
 
 
+def featureless_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Photos of a featureless stretch: right (within a footprint), flagged (outlier/uncertain), or wrong unflagged."""
+    right = flagged = wrong = alone = n = other_n = other_hits = 0
+    for r in runs:
+        for bare, flag, et, ea, f in zip(r["featureless"], r["flags"], r["track_errors_m"], r["alone_errors_m"],
+                                         r["footprints_m"]):
+            if not bare:
+                other_n += 1
+                other_hits += et <= f
+                continue
+            n += 1
+            alone += ea <= f
+            if et <= f:
+                right += 1
+            elif flag:
+                flagged += 1
+            else:
+                wrong += 1
+    return {"bare_photos": n, "bare_track_hits": right, "bare_flagged": flagged, "bare_confidently_wrong": wrong,
+            "bare_alone_hits": alone, "other_track_top1": round(other_hits / other_n, 4) if other_n else None}
+
+
+CASES = ("same_date", "cross_year", "featureless")
+
+
 def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int, ...] = (2, 3, 4),
-                     n_photos: int = 30) -> dict[str, Any]:
+                     n_photos: int = 30, only: str | None = None) -> dict[str, Any]:
     """The flight floors' figures (keys `flight_*`): same-date and cross-year, lawnmower and free paths."""
     out: dict[str, Any] = {}
     cache = str(tmp / "cache_flight")
@@ -108,7 +136,12 @@ def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int,
             for pattern in ("lawnmower", "free"):
                 plan = FlightPlan(pattern, n_photos, CROSS_YEAR_M, region=HELD_OUT_REGION, speed_m_s=12.0)
                 cases["cross_year"].append((NAIP[2015], NAIP[year], plan))
+    bare_plan = FlightPlan("lawnmower", n_photos, 50.0, featureless=(n_photos // 3, max(2, n_photos // 6)))
+    if (DATA / SAME_DATE[1][0]).exists():
+        cases["featureless"] = [(DATA / SAME_DATE[1][0], DATA / SAME_DATE[1][0], bare_plan)]
     for case, items in cases.items():
+        if only and case != only:
+            continue
         if not items:
             say(f"flight {case}: rasters missing; skipped")
             continue
@@ -118,16 +151,24 @@ def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int,
                 # Same date: verified footprints, as analysts run it. Cross-year: the map cannot verify a
                 # photo of other crops (the track is the point), and the speed floor is without verification.
                 r = flight_case(map_raster, plan, seed, net, tmp, photo_raster=photo_raster, cache_dir=cache,
-                                verify=None if case == "same_date" else False)
+                                verify=None if case != "cross_year" else False)
                 runs.append(r)
                 say(f"flight {case} {r['photos_from']} {plan.pattern} seed {seed}: track {r['track_hits']}/{r['n']}, "
                     f"alone {r['alone_hits']}/{r['n']}, outliers {r['outliers']}, "
                     f"{r['seconds_per_photo']:.2f} s/photo")
         s = summarise(runs)
         out[f"flight_{case}"] = s
+        if case == "featureless":
+            out["_featureless_runs"] = runs
         say(f"flight {case}: track {s['track_top1']:.1%} (95 % {s['track_ci95'][0]:.0%}-{s['track_ci95'][1]:.0%}) vs "
             f"alone {s['alone_top1']:.1%}, median error {s['track_median_error_m']} m vs "
             f"{s['alone_median_error_m']} m, {s['n']} photos in {s['flights']} flights")
+    if "flight_featureless" in out:
+        out["flight_featureless"].update(featureless_summary(out.pop("_featureless_runs")))
+        f = out["flight_featureless"]
+        say(f"flight featureless stretch: {f['bare_photos']} photos over nothing to match: {f['bare_track_hits']} "
+            f"right, {f['bare_flagged']} flagged, {f['bare_confidently_wrong']} confidently wrong (alone: "
+            f"{f['bare_alone_hits']} right); the other photos {f['other_track_top1']:.1%}")
     if "flight_same_date" in out:
         out["flight_same_date_top1"] = out["flight_same_date"]["track_top1"]
         out["flight_same_date_median_error_m"] = out["flight_same_date"]["track_median_error_m"]
@@ -240,11 +281,12 @@ def main() -> int:
     ap.add_argument("--seeds", default="2,3,4")
     ap.add_argument("--photos", type=int, default=30)
     ap.add_argument("--weights")
-    ap.add_argument("--only", choices=("same_date", "cross_year"))
+    ap.add_argument("--only", choices=CASES)
     args = ap.parse_args()
     net = EmbeddingModel.load(args.weights, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        out = flight_benchmark(net, Path(tmp), print, tuple(int(s) for s in args.seeds.split(",")), args.photos)
+        out = flight_benchmark(net, Path(tmp), print, tuple(int(s) for s in args.seeds.split(",")), args.photos,
+                               only=args.only)
     print(json.dumps(out))
     return 0
 

@@ -17,7 +17,7 @@ from model_backend.core.config import QueryConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.core.requests import FlightRequest
 from model_backend.geo.exif import load_photo, read_priors
-from model_backend.learn.datasets.flights import START, FlightPlan, exif_bytes, simulate_flight
+from model_backend.learn.datasets.flights import START, FlightPlan, exif_bytes, flatten, simulate_flight
 from model_backend.locate.flight.motion import features, relative_motion
 from model_backend.locate.flight.order import order_flight
 from model_backend.locate.flight.run import locate_flight
@@ -81,6 +81,10 @@ def test_motion_between_consecutive_photos_is_measured(flight) -> None:
     assert abs((a.spec.heading_deg + m.direction_deg - bearing + 180) % 360 - 180) < 15
     far = relative_motion(features(load_photo(truth[0].path)), features(load_photo(truth[5].path)))
     assert far is None, far  # 100 m apart on the same leg: no overlap, no estimate
+    # A photo with nothing to match says nothing: its failed matches are "unknown", not "no overlap".
+    bare = flatten(load_photo(b.path), np.random.default_rng(0))
+    assert features(load_photo(b.path)).textured and not features(bare).textured
+    assert relative_motion(features(load_photo(a.path)), features(bare)) is None
 
 
 def test_flight_track_outputs_outlier_cancel_and_resume(flight, data_dir: Path) -> None:
@@ -120,6 +124,30 @@ def test_flight_track_outputs_outlier_cancel_and_resume(flight, data_dir: Path) 
     assert len(rows) == 13 and rows[6]["flag"] == "outlier" and rows[6]["chosen_rank"] == ""
     again = locate_flight(_request(root, data_dir))
     assert again.reused == 13 and [ln["best_x"] for ln in again.lines] == [ln["best_x"] for ln in res.lines]
+
+
+def test_a_featureless_stretch_is_flagged_not_forced_and_the_track_goes_on(flight, data_dir: Path) -> None:
+    """Three photos over ground with nothing to match (a bare field: blurred, a sixth of its contrast):
+    alone they land anywhere; in the track each is either right or flagged, and the photos after the
+    stretch are found again."""
+    root, _ = flight
+    plan = FlightPlan("lawnmower", 14, FOOT, featureless=(5, 3))
+    truth = simulate_flight(data_dir / NETHERLANDS, plan, 6, root / "bare")
+    request = FlightRequest(str(data_dir / NETHERLANDS), (str(root / "bare"),), str(root / "bare_out"),
+                            query=QueryConfig(footprint_m=FOOT), verify=False, cache_dir=str(root / "cache"))
+    res = locate_flight(request)
+    assert not res.failed and sum(t.featureless for t in truth) == 3
+    by_name = {Path(line["photo"]).name: line for line in res.lines}
+    track_hit, alone_hit = {}, {}
+    for t in truth:
+        line = by_name[Path(t.path).name]
+        track_hit[t.path] = np.hypot(line["best_x"] - t.spec.cx, line["best_y"] - t.spec.cy) <= FOOT
+        alone_hit[t.path] = np.hypot(line["independent_x"] - t.spec.cx, line["independent_y"] - t.spec.cy) <= FOOT
+        if t.featureless:
+            assert track_hit[t.path] or line["flag"] in ("uncertain", "outlier"), line
+    bare = [t.path for t in truth if t.featureless]
+    assert sum(alone_hit[p] for p in bare) <= 1  # really featureless: alone, mostly wrong
+    assert sum(track_hit[t.path] for t in truth if not t.featureless) >= 10
 
 
 def test_cli_locate_flight(flight, data_dir: Path, capsys: pytest.CaptureFixture) -> None:

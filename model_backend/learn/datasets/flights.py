@@ -14,12 +14,12 @@ DateTimeOriginal + SubSecTimeOriginal, so the flight reader orders it exactly as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from model_backend.core.errors import InputError
 from model_backend.geo.geodesy import to_wgs84
@@ -50,6 +50,9 @@ class FlightPlan:
     """Free path: standard deviation of the heading change per photo."""
     region: Region = WHOLE
     photometric: bool = True
+    featureless: tuple[int, int] | None = None
+    """(first photo, count): a stretch flown over ground with nothing to match, e.g. a uniform field or
+    haze - those photos keep only a faint trace of the ground (`flatten`), as over a bare field."""
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -68,6 +71,8 @@ class FlightPhoto:
     time_s: float
     """Seconds after the flight's start (EXIF holds START + this)."""
     valid_fraction: float
+    featureless: bool = False
+    """Flown over the plan's featureless stretch (its image flattened)."""
 
 
 def _box(info: RasterInfo, plan: FlightPlan) -> tuple[float, float, float, float]:
@@ -145,6 +150,16 @@ def exif_bytes(when: datetime, lonlat: tuple[float, float] | None) -> bytes:
     return ex.tobytes()
 
 
+def flatten(image: np.ndarray, rng: np.random.Generator, keep: float = 0.15) -> np.ndarray:
+    """The photo of a featureless stretch: its ground's large-scale tone with `keep` of its contrast
+    left, every edge blurred away, plus sensor noise - what a bare field or haze gives a camera."""
+    img = Image.fromarray(image)
+    soft = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=max(image.shape[:2]) / 40)), np.float32)
+    mean = soft.reshape(-1, 3).mean(axis=0)
+    out = mean + keep * (soft - mean) + rng.normal(0.0, 3.0, image.shape)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def simulate_flight(map_raster: str | Path, plan: FlightPlan, seed: int, folder: str | Path, *,
                     photo_raster: str | Path | None = None, size: tuple[int, int] = (640, 480),
                     gps: bool = False, gps_error_m: float = 5.0) -> list[FlightPhoto]:
@@ -174,6 +189,9 @@ def simulate_flight(map_raster: str | Path, plan: FlightPlan, seed: int, folder:
                         tilt_deg=float(rng.uniform(0, plan.max_tilt_deg)),
                         tilt_azimuth_deg=float((heading + rng.normal(0, 20)) % 360.0), scale=scale, **photo)
         view: SyntheticView = render_view(source, spec, size=size)
+        bare = plan.featureless is not None and plan.featureless[0] <= i < sum(plan.featureless)
+        if bare:
+            view = replace(view, image=flatten(view.image, rng))
         path = folder / f"photo_{i:03d}.jpg"
         save_view(view, str(path))
         when = START.timestamp() + t
@@ -182,6 +200,6 @@ def simulate_flight(map_raster: str | Path, plan: FlightPlan, seed: int, folder:
             e = rng.normal(0, gps_error_m, 2)
             lonlat = to_ll.transform(cx + e[0], cy + e[1])
         Image.open(path).save(path, quality=95, exif=exif_bytes(datetime.fromtimestamp(when, UTC), lonlat))
-        out.append(FlightPhoto(str(path), spec, t, view.valid_fraction))
+        out.append(FlightPhoto(str(path), spec, t, view.valid_fraction, featureless=bare))
         t += step * scale / plan.speed_m_s * float(rng.uniform(0.9, 1.1))
     return out

@@ -86,15 +86,15 @@ def _record(res, photo: FlightPhoto, key: str, scores_file: Path) -> dict[str, A
 
 
 MOTION_FILE = "flight.motion.json"
-MOTION_FORMAT = 3
+MOTION_FORMAT = 4
 
 
 def measure_motion(photos: list[FlightPhoto], out: Path, cancel: CancelFn | None = None,
                    progress: ProgressFn | None = None) -> list[dict[int, dict[str, Any] | None]]:
-    """Per photo, the moves measured from earlier photos by gap: {1: move or None (no overlap)}, and
-    {2: ...} too where the photo did not match the one before (a stray photo between two that do
-    overlap then shows as a measured skip). Cached in `flight.motion.json` by the pair's paths, so a
-    rerun matches only new pairs."""
+    """Per photo, the moves measured from earlier photos by gap: {1: move, None (no overlap) or UNKNOWN
+    (one photo has nothing to match)}, and {2: ...} too where the photo did not match the one before (a
+    stray photo between two that do overlap then shows as a measured skip). Cached in
+    `flight.motion.json` by the pair's paths, so a rerun matches only new pairs."""
     from model_backend.geo.exif import load_photo
     from model_backend.locate.flight.motion import features, relative_motion
 
@@ -121,7 +121,7 @@ def measure_motion(photos: list[FlightPhoto], out: Path, cancel: CancelFn | None
     for i in range(1, len(photos)):
         measured: dict[int, dict[str, Any] | None] = {}
         for gap in (1, 2):
-            if gap > i or (gap == 2 and measured.get(1) is not None):
+            if gap > i or (gap == 2 and is_move(measured.get(1))):
                 break
             pair = "|".join(f"{Path(q.path).absolute()}:{':'.join(map(str, _stat(q.path)))}"
                             for q in (photos[i - gap], photos[i]))
@@ -130,7 +130,12 @@ def measure_motion(photos: list[FlightPhoto], out: Path, cancel: CancelFn | None
                     break
                 fa, fb = feature(i - gap), feature(i)
                 m = relative_motion(fa, fb) if fa is not None and fb is not None else None
-                cache[pair] = None if m is None else asdict(m)
+                if m is not None:
+                    cache[pair] = asdict(m)
+                elif fa is not None and fb is not None and not (fa.textured and fb.textured):
+                    cache[pair] = UNKNOWN  # nothing to match in one of them: no evidence either way
+                else:
+                    cache[pair] = None
                 dirty += 1
                 if dirty % 20 == 0:
                     atomic_write_bytes(path, json.dumps({"format": MOTION_FORMAT, "pairs": cache}).encode("utf-8"))
@@ -163,6 +168,15 @@ def save_scores(path: Path, scores, headings: np.ndarray) -> None:
     tile_heading = np.where(which >= 0, headings[np.clip(which, 0, len(headings) - 1)], np.nan)
     np.savez(buf, values=scores.values.astype(np.float16), heading=tile_heading.astype(np.float16))
     atomic_write_bytes(path, buf.getvalue())
+
+
+UNKNOWN: dict[str, Any] = {"unknown": True}
+"""A pair whose match says nothing (one photo is featureless): neither a move nor evidence of no overlap."""
+
+
+def is_move(m: dict[str, Any] | None) -> bool:
+    """Whether a measured pair is a move (not None: no overlap; not UNKNOWN)."""
+    return m is not None and not m.get("unknown")
 
 
 HUB_MIN_PHOTOS = 5
@@ -306,10 +320,10 @@ def observations(places: list[list[dict[str, Any]]], records: list[dict[str, Any
     for k, (c, rec, ph) in enumerate(zip(places, records, photos)):
         measured = moves[k] if moves else {}
         known = {g: Move(m["shift"] * records[k - g]["footprint_m"], m["direction_deg"], m["rotation_deg"])
-                 for g, m in measured.items() if m is not None and k - g >= 0}
+                 for g, m in measured.items() if is_move(m) and k - g >= 0}
         unmatched = frozenset(g for g, m in measured.items() if m is None)
         after = moves[k + 1] if moves and k + 1 < len(moves) else {}
-        stray = 1 in unmatched and 1 in after and after[1] is None and after.get(2) is not None
+        stray = 1 in unmatched and 1 in after and after[1] is None and is_move(after.get(2))
         xs, ys = _metres(frame, np.array([p["lon"] for p in c]), np.array([p["lat"] for p in c]))
         verified = np.array([p["confidence"] if p["verified"] else 0.0 for p in c])
         heads = np.array([p["heading_deg"] if p["heading_deg"] is not None else np.nan for p in c], np.float64)
