@@ -39,6 +39,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from model_backend.core.requests import FlightRequest as FLIGHT_DEFAULTS  # torch-free: the flight's defaults
 from model_backend.geo.geodesy import GEOD  # torch-free: great-circle metres
 
 from .model_panel import ModelPanel, ProgressStatus
@@ -191,6 +192,30 @@ class LocateDock(ProgressStatus, QDockWidget):
             "time, each photo is located as above, then the track a drone could have flown through their best "
             "places is chosen. Photos that fit no place near their neighbours are flagged, not forced.")
         form.addRow("Flight", self.flight_widget)
+        self.speed_spin = QDoubleSpinBox(body)
+        self.speed_spin.setRange(1.0, 150.0)
+        self.speed_spin.setDecimals(0)
+        self.speed_spin.setValue(FLIGHT_DEFAULTS.max_speed_m_s)
+        self.speed_spin.setSuffix(" m/s")
+        self.speed_spin.setToolTip(
+            "The fastest the drone flew over the ground: consecutive photos' places must be reachable at this "
+            "speed in the time between them. Too low breaks the track at fast legs; too high lets it jump.")
+        self.motion_check = QCheckBox("Match photo to photo", body)
+        self.motion_check.setChecked(FLIGHT_DEFAULTS.motion)
+        self.motion_check.setToolTip(
+            "Match each photo with the one before to measure how far the drone moved (about 0.2 s a photo); "
+            "the track must agree. Off: only the speed limits the track.")
+        speed_row = QHBoxLayout()
+        speed_row.addWidget(self.speed_spin, 1)
+        speed_row.addWidget(self.motion_check, 2)
+        form.addRow("Top speed", speed_row)
+        self.flight_log_widget = QgsFileWidget(body)
+        self.flight_log_widget.setFilter("Flight log (*.csv)")
+        self.flight_log_widget.setDialogTitle("Flight log (optional)")
+        self.flight_log_widget.setToolTip(
+            "Optional: a CSV log of the flight (UAV-VisLoc columns: filename, date, lat, lon, height, Phi1). "
+            "Its times order the photos and its positions are a prior, in place of the photos' EXIF.")
+        form.addRow("Flight log", self.flight_log_widget)
         outer.addLayout(form)
 
         buttons = QHBoxLayout()
@@ -305,7 +330,10 @@ class LocateDock(ProgressStatus, QDockWidget):
         return self.flight_widget.filePath().strip()
 
     def _emit_flight(self) -> None:
-        self.flight_requested.emit(replace(self.params(), photo=self.flight_folder()))
+        log = self.flight_log_widget.filePath().strip()
+        self.flight_requested.emit(replace(self.params(), photo=self.flight_folder(),
+                                           max_speed_m_s=float(self.speed_spin.value()),
+                                           motion=self.motion_check.isChecked(), flight_log=log or None))
 
     def export_suggestion(self) -> str:
         """`<photo>.matches.geojson` in the folder the analyst last exported to (else their home)."""

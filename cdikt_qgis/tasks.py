@@ -19,6 +19,8 @@ from typing import Any
 
 from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsRasterLayer
 
+from model_backend.core.requests import FlightRequest as FLIGHT_DEFAULTS  # torch-free: the flight's defaults
+
 from .engine_task import EngineTask
 from .settings import CdiktSettings
 
@@ -48,6 +50,12 @@ class LocateParams:
     prior_radius_m: float | None = None
     tolerance_pct: float = CdiktSettings.DEFAULT_TOLERANCE_PCT
     """How far (%) the typed or EXIF footprint may be off (QueryConfig.footprint_tolerance x 100)."""
+    max_speed_m_s: float = FLIGHT_DEFAULTS.max_speed_m_s
+    """Flights only: the track's top ground speed (FlightRequest.max_speed_m_s)."""
+    motion: bool = FLIGHT_DEFAULTS.motion
+    """Flights only: measure the move between consecutive photos (FlightRequest.motion)."""
+    flight_log: str | None = None
+    """Flights only: a UAV-VisLoc-style CSV log (FlightRequest.log)."""
 
 
 @dataclass(frozen=True)
@@ -185,12 +193,13 @@ class LocateTask(LocatingTask):
 
 def flight_request(params: LocateParams, source: RasterSource, out_dir: str, settings: Any) -> Any:
     """The engine's FlightRequest for a flight folder picked in the dock (`params.photo` is the folder):
-    the locate options the dock shows, the flight's own at the engine's defaults."""
+    the locate options the dock shows, and the flight's top speed, motion and log."""
     from model_backend.core.requests import FlightRequest
 
     one = locate_request(params, source, out_dir, settings)
     return FlightRequest(one.raster, (params.photo,), out_dir, tiling=one.tiling, query=one.query, model=one.model,
-                         cache_dir=one.cache_dir, verify=one.verify, prior_radius_m=one.prior_radius_m)
+                         cache_dir=one.cache_dir, verify=one.verify, prior_radius_m=one.prior_radius_m,
+                         max_speed_m_s=params.max_speed_m_s, motion=params.motion, log=params.flight_log)
 
 
 class FlightTask(LocatingTask):

@@ -30,7 +30,7 @@ from model_backend.core.config import QueryConfig
 from model_backend.core.requests import FlightRequest
 from model_backend.geo.geodesy import ground_distance_m
 from model_backend.geo.raster import open_raster
-from model_backend.learn.datasets.flights import FlightPlan, simulate_flight
+from model_backend.learn.datasets.flights import FlightPlan, replay_from_log, simulate_flight
 from model_backend.locate.flight.run import locate_flight
 from model_backend.nn.embedder import EmbeddingModel
 
@@ -118,7 +118,9 @@ def featureless_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "bare_alone_hits": alone, "other_track_top1": round(other_hits / other_n, 4) if other_n else None}
 
 
-CASES = ("same_date", "cross_year", "featureless")
+CASES = ("same_date", "cross_year", "featureless", "replay_same_date", "replay_cross_year")
+REPLAY_WINDOWS = (0, 80, 176, 272)
+"""Where the replayed windows of UAV-VisLoc flight 03 start: one straight leg, then three across a turn."""
 
 
 def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int, ...] = (2, 3, 4),
@@ -136,6 +138,16 @@ def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int,
             for pattern in ("lawnmower", "free"):
                 plan = FlightPlan(pattern, n_photos, CROSS_YEAR_M, region=HELD_OUT_REGION, speed_m_s=12.0)
                 cases["cross_year"].append((NAIP[2015], NAIP[year], plan))
+    visloc = DATA / "uavvisloc" / "03.csv"
+    if visloc.exists():
+        # A real flight's own path and clock (UAV-VisLoc flight 03: straight legs, turns, their longer gaps).
+        windows = [replay_from_log(visloc, first, n_photos) for first in REPLAY_WINDOWS]
+        cases["replay_same_date"] = [(DATA / SAME_DATE[1][0], DATA / SAME_DATE[1][0],
+                                      FlightPlan("replay", len(w), 50.0, replay=w, overlap=0.7)) for w in windows]
+        if all(p.exists() for p in NAIP.values()):
+            cases["replay_cross_year"] = [
+                (NAIP[2015], NAIP[2020], FlightPlan("replay", len(w), CROSS_YEAR_M, replay=w, overlap=0.7,
+                                                    region=HELD_OUT_REGION)) for w in windows]
     bare_plan = FlightPlan("lawnmower", n_photos, 50.0, featureless=(n_photos // 3, max(2, n_photos // 6)))
     if (DATA / SAME_DATE[1][0]).exists():
         cases["featureless"] = [(DATA / SAME_DATE[1][0], DATA / SAME_DATE[1][0], bare_plan)]
@@ -147,11 +159,11 @@ def flight_benchmark(net: EmbeddingModel, tmp: Path, say: Any, seeds: tuple[int,
             continue
         runs = []
         for map_raster, photo_raster, plan in items:
-            for seed in seeds:
+            for seed in (seeds[:1] if case.startswith("replay") else seeds):  # replays: four windows, one seed
                 # Same date: verified footprints, as analysts run it. Cross-year: the map cannot verify a
                 # photo of other crops (the track is the point), and the speed floor is without verification.
                 r = flight_case(map_raster, plan, seed, net, tmp, photo_raster=photo_raster, cache_dir=cache,
-                                verify=None if case != "cross_year" else False)
+                                verify=None if not case.endswith("cross_year") else False)
                 runs.append(r)
                 say(f"flight {case} {r['photos_from']} {plan.pattern} seed {seed}: track {r['track_hits']}/{r['n']}, "
                     f"alone {r['alone_hits']}/{r['n']}, outliers {r['outliers']}, "

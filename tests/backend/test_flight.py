@@ -17,7 +17,14 @@ from model_backend.core.config import QueryConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.core.requests import FlightRequest
 from model_backend.geo.exif import load_photo, read_priors
-from model_backend.learn.datasets.flights import START, FlightPlan, exif_bytes, flatten, simulate_flight
+from model_backend.learn.datasets.flights import (
+    START,
+    FlightPlan,
+    exif_bytes,
+    flatten,
+    replay_from_log,
+    simulate_flight,
+)
 from model_backend.locate.flight.motion import features, relative_motion
 from model_backend.locate.flight.order import order_flight
 from model_backend.locate.flight.run import locate_flight
@@ -148,6 +155,26 @@ def test_a_featureless_stretch_is_flagged_not_forced_and_the_track_goes_on(fligh
     bare = [t.path for t in truth if t.featureless]
     assert sum(alone_hit[p] for p in bare) <= 1  # really featureless: alone, mostly wrong
     assert sum(track_hit[t.path] for t in truth if not t.featureless) >= 10
+
+
+def test_a_real_flights_path_replayed_from_its_uavvisloc_log(flight, data_dir: Path) -> None:
+    """UAV-VisLoc flight 03's own positions and clock (photos 89-104: the end of a leg, the turn with its
+    longer gap, the next leg), flown over a held-out raster: the track is scored against the log's truth."""
+    root, _ = flight
+    rows = replay_from_log(data_dir / "uavvisloc" / "03.csv", first=88, count=16)
+    gaps = np.diff([t for _, _, t in rows])
+    assert len(rows) == 16 and set(np.round(gaps[:5])) <= {7.0, 8.0} and gaps.max() > 10  # the turn
+    plan = FlightPlan("replay", len(rows), FOOT, replay=rows, overlap=0.7)
+    truth = simulate_flight(data_dir / NETHERLANDS, plan, 3, root / "replay")
+    assert [round(t.time_s) for t in truth] == [round(t - rows[0][2]) for _, _, t in rows]
+    request = FlightRequest(str(data_dir / NETHERLANDS), (str(root / "replay"),), str(root / "replay_out"),
+                            query=QueryConfig(footprint_m=FOOT), verify=False, cache_dir=str(root / "cache"))
+    res = locate_flight(request)
+    by_name = {Path(line["photo"]).name: line for line in res.lines}
+    hits = [np.hypot(by_name[Path(t.path).name]["best_x"] - t.spec.cx,
+                     by_name[Path(t.path).name]["best_y"] - t.spec.cy) <= t.spec.footprint_m * t.spec.scale
+            for t in truth]
+    assert res.order_source == "time" and sum(hits) >= 15, hits
 
 
 def test_cli_locate_flight(flight, data_dir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -297,9 +297,13 @@ def test_locate_flight_from_the_dock_adds_track_and_photos_and_resumes(plugin, i
     dock.footprint_auto.setChecked(False)
     dock.verify_check.setChecked(False)
     dock.flight_widget.setFilePath(str(tmp_path / "flight"))
+    assert dock.speed_spin.value() == 20.0 and dock.motion_check.isChecked()  # the engine's defaults
+    dock.speed_spin.setValue(15.0)
+    dock.motion_check.setChecked(False)
     dock.flight_button.click()
     task = plugin.controller.task
     assert task is not None, dock.status.text()
+    assert task.request.max_speed_m_s == 15.0 and task.request.motion is False and task.request.log is None
     assert not dock.flight_button.isEnabled() and dock.cancel_button.isEnabled()
     assert wait_until(lambda: _done(task), 120), dock.status.text()
     assert task.outcome.succeeded, task.message + task.details
@@ -312,8 +316,11 @@ def test_locate_flight_from_the_dock_adds_track_and_photos_and_resumes(plugin, i
     assert Path(task.result.csv_path).is_relative_to(tmp_path / "cache" / "results")
     assert len(truth) == 6
 
+    dock.motion_check.setChecked(True)  # the decoding's options change; every located photo is still reused
+    dock.flight_log_widget.setFilePath(str(Path(__file__).parents[1] / "data" / "uavvisloc" / "03.csv"))
     dock.flight_button.click()  # the same flight again: every photo reused
     again = plugin.controller.task
+    assert again.request.motion is True and again.request.log.endswith("03.csv")
     assert wait_until(lambda: _done(again), 60) and again.outcome.succeeded
     assert again.result.reused == 6 and "6 reused" in dock.status.text()
     dock.flight_widget.setFilePath(str(tmp_path / "nowhere"))

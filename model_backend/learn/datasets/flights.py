@@ -27,7 +27,7 @@ from model_backend.geo.raster import RasterInfo, open_raster
 from model_backend.learn.datasets.region import WHOLE, Region
 from model_backend.learn.datasets.synth import PHOTO_RANGES, SyntheticView, ViewSpec, render_view, save_view
 
-PATTERNS = ("lawnmower", "free")
+PATTERNS = ("lawnmower", "free", "replay")
 START = datetime(2024, 6, 1, 10, 0, 0, tzinfo=UTC)
 
 
@@ -50,6 +50,9 @@ class FlightPlan:
     """Free path: standard deviation of the heading change per photo."""
     region: Region = WHOLE
     photometric: bool = True
+    replay: tuple[tuple[float, float, float], ...] | None = None
+    """Pattern 'replay': a real flight's photos as (x east, y south, seconds), metres from its first photo
+    (`replay_from_log`); flown at its own turns and times, scaled so consecutive photos overlap by `overlap`."""
     featureless: tuple[int, int] | None = None
     """(first photo, count): a stretch flown over ground with nothing to match, e.g. a uniform field or
     haze - those photos keep only a faint trace of the ground (`flatten`), as over a bare field."""
@@ -59,6 +62,8 @@ class FlightPlan:
             raise InputError(f"Unknown flight pattern {self.pattern!r}; use one of {', '.join(PATTERNS)}.")
         if not 0.0 <= self.overlap < 1.0 or not 0.0 <= self.sidelap < 1.0:
             raise InputError("Overlap and sidelap are fractions in [0, 1).")
+        if self.pattern == "replay" and not self.replay:
+            raise InputError("A replayed flight needs its photos' positions (replay_from_log).")
         if self.n_photos < 1 or self.footprint_m <= 0 or self.speed_m_s <= 0:
             raise InputError("A flight needs photos, a positive footprint and a positive speed.")
 
@@ -93,6 +98,8 @@ def plan_path(info: RasterInfo, plan: FlightPlan, rng: np.random.Generator) -> n
     w_m, h_m = (x1 - x0) * info.gsd_x_m, (y1 - y0) * info.gsd_y_m
     step = (1.0 - plan.overlap) * plan.footprint_m
     n = plan.n_photos
+    if plan.pattern == "replay":
+        return _replayed(plan, w_m, h_m)
     if plan.pattern == "lawnmower":
         along_x = bool(rng.integers(2)) if w_m > 2 * plan.footprint_m and h_m > 2 * plan.footprint_m else w_m >= h_m
         length, across = (w_m, h_m) if along_x else (h_m, w_m)
@@ -127,6 +134,33 @@ def plan_path(info: RasterInfo, plan: FlightPlan, rng: np.random.Generator) -> n
                 head = math.atan2(w_m / 2 - pos[0], -(h_m / 2 - pos[1])) + rng.normal(0, 0.3)
             pos = np.clip(nxt, 0, [w_m, h_m])
     return xy
+
+
+def _replayed(plan: FlightPlan, w_m: float, h_m: float) -> np.ndarray:
+    """The real path scaled so its median step is (1 - overlap) footprints, shrunk further to fit, centred."""
+    path = np.array([(x, y) for x, y, _ in plan.replay or ()], np.float64)[: plan.n_photos]
+    steps = np.hypot(*np.diff(path, axis=0).T) if len(path) > 1 else np.array([1.0])
+    scale = (1.0 - plan.overlap) * plan.footprint_m / max(float(np.median(steps)), 1e-9)
+    extent = np.ptp(path, axis=0)
+    scale = min(scale, *(limit / e for limit, e in zip((w_m, h_m), extent) if e > 0))
+    xy = (path - path.min(axis=0)) * scale
+    return xy + (np.array([w_m, h_m]) - xy.max(axis=0)) / 2.0
+
+
+def replay_from_log(csv_path: str | Path, first: int = 0, count: int | None = None
+                    ) -> tuple[tuple[float, float, float], ...]:
+    """A real flight's track from a UAV-VisLoc-style log (`date`, `lat`, `lon` per photo): (x east, y south,
+    seconds) from its first row, in the log's order - what `FlightPlan(pattern='replay')` flies."""
+    from model_backend.geo.exif import read_visloc_log
+
+    rows = list(read_visloc_log(str(csv_path)).values())[first:]
+    rows = [r for r in rows if r.lat is not None and r.lon is not None and r.taken_s is not None][:count]
+    if len(rows) < 2:
+        raise InputError(f"{csv_path} holds fewer than two positioned, timed photos from row {first}.")
+    lat0, lon0, t0 = rows[0].lat, rows[0].lon, rows[0].taken_s
+    m_lat = 111_132.0
+    m_lon = 111_320.0 * math.cos(math.radians(lat0))
+    return tuple(((r.lon - lon0) * m_lon, -(r.lat - lat0) * m_lat, r.taken_s - t0) for r in rows)
 
 
 def _headings(xy: np.ndarray) -> np.ndarray:
@@ -202,4 +236,6 @@ def simulate_flight(map_raster: str | Path, plan: FlightPlan, seed: int, folder:
         Image.open(path).save(path, quality=95, exif=exif_bytes(datetime.fromtimestamp(when, UTC), lonlat))
         out.append(FlightPhoto(str(path), spec, t, view.valid_fraction, featureless=bare))
         t += step * scale / plan.speed_m_s * float(rng.uniform(0.9, 1.1))
+        if plan.replay is not None and i + 1 < len(plan.replay):
+            t = plan.replay[i + 1][2] - plan.replay[0][2]  # the real flight's clock
     return out
