@@ -214,41 +214,49 @@ def uint8_input_graph(path: Path, mean: tuple[float, ...], std: tuple[float, ...
 
 
 class OnnxRuntimeRunner:
-    """ONNX Runtime, CPU execution provider, fp32, in one of three `mode`s:
+    """ONNX Runtime, CPU execution provider, fp32, in one of two `mode`s:
 
     - `tuned`: one intra-op pool of `threads`, no spinning (the reader thread keeps its core);
-    - `spin`: one pool of `threads`, spinning while a run lasts and stopped when it returns
-      (`session.force_spinning_stop`), so the work after a run gets the cores back at once;
-    - `defaults`: a session exactly as a user would open it - the bench's yardstick, never chosen:
-      its workers keep spinning after a run returns, and the scoring that follows a photo's
-      embedding took 33-53 ms instead of 16-18 ms on a 2-core machine (the model alone: as fast as `spin`).
+    - `defaults`: batches run by a session exactly as a user would open it (the bench's yardstick),
+      small calls (a photo's SMALL_BATCH crops) by a twin that stops spinning when a run returns.
+      The plain defaults keep their workers spinning after a run: harmless between indexing's
+      back-to-back batches, but the scoring that follows a photo's embedding took 33-53 ms instead
+      of 16-18 ms on a 2-core machine.
     """
 
     name = "onnxruntime"
-    LABELS = {"tuned": "onnxruntime", "spin": "onnxruntime-spin", "defaults": "onnxruntime-defaults"}
+    LABELS = {"tuned": "onnxruntime", "defaults": "onnxruntime-defaults"}
+    SMALL_BATCH = 16
 
     def __init__(self, path: Path, threads: int, spinning: bool = False, model_bytes: bytes | None = None,
                  mode: str = "tuned") -> None:
-        import onnxruntime as ort
-
         if mode not in self.LABELS:
             raise ValueError(f"Unknown ONNX Runtime mode {mode!r}")
+        self.path, self.threads, self.spinning, self.mode = path, threads, spinning, mode
+        self.model_bytes = model_bytes
+        self.label = self.LABELS[mode]
+        self.session = self._session(stop_spinning=False)
+        self.input = self.session.get_inputs()[0].name
+        self._small = None
+
+    def _session(self, stop_spinning: bool):
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        if mode == "tuned":
-            so.intra_op_num_threads = threads
+        if self.mode == "tuned":
+            so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        elif mode == "spin":
-            so.intra_op_num_threads = threads
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        elif stop_spinning:
             so.add_session_config_entry("session.force_spinning_stop", "1")
-        self.path, self.threads, self.spinning, self.mode = path, threads, spinning, mode
-        self.label = self.LABELS[mode]
-        self.session = ort.InferenceSession(model_bytes or str(path), so, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        return ort.InferenceSession(self.model_bytes or str(self.path), so, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.mode == "defaults" and len(x) <= self.SMALL_BATCH:
+            if self._small is None:
+                self._small = self._session(stop_spinning=True)
+            return self._small.run(None, {self.input: x})[0]
         return self.session.run(None, {self.input: x})[0]
 
     def with_uint8_input(self, mean: tuple[float, ...], std: tuple[float, ...]) -> OnnxRuntimeRunner:
@@ -306,7 +314,6 @@ class OpenVinoRunner:
 RUNNERS: dict[str, Callable[..., Runner]] = {"openvino": OpenVinoRunner, "onnxruntime": OnnxRuntimeRunner}
 VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "openvino": ("openvino", {}), "onnxruntime": ("onnxruntime", {}),
-    "onnxruntime-spin": ("onnxruntime", {"mode": "spin"}),
     "onnxruntime-defaults": ("onnxruntime", {"mode": "defaults"}),
 }
 """Every runner `auto` may measure, by label: (runtime, its factory's settings)."""
