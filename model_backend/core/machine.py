@@ -100,6 +100,12 @@ def profile() -> dict[str, Any]:
     return {"format": PROFILE_FORMAT, "cpu": cpu_identity().to_dict(), "choices": stored.get("choices", {})}
 
 
+def stored(topic: str) -> dict[str, Any] | None:
+    """The choice stored for `topic` on this machine, or None (nothing is measured)."""
+    found = _read(profile_path()).get("choices", {}).get(topic)
+    return found if isinstance(found, dict) else None
+
+
 def remembered(topic: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The choice stored for `topic` on this machine, measured with `measure()` the first time.
 
@@ -108,13 +114,13 @@ def remembered(topic: str, measure: Callable[[], dict[str, Any]]) -> dict[str, A
     both write; the file is replaced atomically, so the last one wins and nothing is half-written.
     A profile that cannot be written (read-only cache) is logged and the measurement still used.
     """
-    path = profile_path()
-    found = _read(path).get("choices", {}).get(topic)
-    if isinstance(found, dict):
+    found = stored(topic)
+    if found is not None:
         return found
+    path = profile_path()
     result = measure()
-    stored = _read(path)  # again: another process may have added a topic meanwhile
-    choices = {**stored.get("choices", {}), topic: result}
+    latest = _read(path)  # again: another process may have added a topic meanwhile
+    choices = {**latest.get("choices", {}), topic: result}
     data = {"format": PROFILE_FORMAT, "cpu": cpu_identity().to_dict(), "choices": choices}
     try:
         atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
@@ -127,11 +133,11 @@ def remembered(topic: str, measure: Callable[[], dict[str, Any]]) -> dict[str, A
 def forget(topic_prefix: str = "") -> int:
     """Drop the stored choices whose topic starts with `topic_prefix` (all by default); returns how many."""
     path = profile_path()
-    stored = _read(path)
-    choices = stored.get("choices", {})
+    data = _read(path)
+    choices = data.get("choices", {})
     kept = {k: v for k, v in choices.items() if not k.startswith(topic_prefix)}
     if len(kept) != len(choices):
-        atomic_write_bytes(path, json.dumps({**stored, "choices": kept}, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(path, json.dumps({**data, "choices": kept}, indent=1, sort_keys=True).encode())
     return len(choices) - len(kept)
 
 

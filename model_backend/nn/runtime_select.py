@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_backend.core.machine import profile_path, remembered
+from model_backend.core.dist import env_world_size
+from model_backend.core.machine import profile_path, remembered, stored
 from model_backend.core.paths import runtimes_dir
 from model_backend.core.space import disk_full, no_space_error
 from model_backend.nn.runtime import (
@@ -58,8 +59,8 @@ ROUNDS = 5
 TIMED = 2
 """Batches timed per candidate and round, after one untimed: a runtime's pool wakes up after another ran
 (one batch each in strict alternation read OpenVINO 25 % slower than it runs alone)."""
-TORCH_ROUNDS = 2
-"""PyTorch eager is ~4x slower on CPU: two batches tell whether it could win at all."""
+TORCH_ROUNDS = 1
+"""PyTorch eager is ~4x slower on CPU: one batch tells whether it could win at all."""
 
 
 def select_runner(requested: str, net: nn.Module, spec: RuntimeSpec, device: torch.device,
@@ -92,8 +93,11 @@ def auto_runner(net: nn.Module, spec: RuntimeSpec, threads: int | None = None,
                 folder: Path | None = None) -> Runner | None:
     """The fastest runner measured on this machine for this network shape (measured now if never before)."""
     built: dict[str, Runner] = {}
-    choice = remembered(runtime_topic(spec, threads),
-                        lambda: measure_runtimes(net, spec, threads, folder, built))
+    topic = runtime_topic(spec, threads)
+    if env_world_size() > 1:  # ranks of one job share the cores: a measurement now would measure the others
+        choice = stored(topic) or {"choice": PREFERRED, "tiles_per_s": {}}
+    else:
+        choice = remembered(topic, lambda: measure_runtimes(net, spec, threads, folder, built))
     rates = choice.get("tiles_per_s", {})
     order = [choice.get("choice", PREFERRED)]
     order += sorted((k for k, v in rates.items() if v and k in CANDIDATES and k not in order), key=lambda k: -rates[k])

@@ -138,7 +138,7 @@ def test_a_featureless_stretch_is_flagged_not_forced_and_the_track_goes_on(fligh
     alone they land anywhere; in the track each is either right or flagged, and the photos after the
     stretch are found again."""
     root, _ = flight
-    plan = FlightPlan("lawnmower", 14, FOOT, featureless=(5, 3))
+    plan = FlightPlan("lawnmower", 10, FOOT, featureless=(4, 3))
     truth = simulate_flight(data_dir / NETHERLANDS, plan, 6, root / "bare")
     request = FlightRequest(str(data_dir / NETHERLANDS), (str(root / "bare"),), str(root / "bare_out"),
                             query=QueryConfig(footprint_m=FOOT), verify=False, cache_dir=str(root / "cache"))
@@ -154,16 +154,16 @@ def test_a_featureless_stretch_is_flagged_not_forced_and_the_track_goes_on(fligh
             assert track_hit[t.path] or line["flag"] in ("uncertain", "outlier"), line
     bare = [t.path for t in truth if t.featureless]
     assert sum(alone_hit[p] for p in bare) <= 1  # really featureless: alone, mostly wrong
-    assert sum(track_hit[t.path] for t in truth if not t.featureless) >= 10
+    assert sum(track_hit[t.path] for t in truth if not t.featureless) >= 6
 
 
 def test_a_real_flights_path_replayed_from_its_uavvisloc_log(flight, data_dir: Path) -> None:
-    """UAV-VisLoc flight 03's own positions and clock (photos 89-104: the end of a leg, the turn with its
+    """UAV-VisLoc flight 03's own positions and clock (photos 91-102: the end of a leg, the turn with its
     longer gap, the next leg), flown over a held-out raster: the track is scored against the log's truth."""
     root, _ = flight
-    rows = replay_from_log(data_dir / "uavvisloc" / "03.csv", first=88, count=16)
+    rows = replay_from_log(data_dir / "uavvisloc" / "03.csv", first=90, count=12)
     gaps = np.diff([t for _, _, t in rows])
-    assert len(rows) == 16 and set(np.round(gaps[:5])) <= {7.0, 8.0} and gaps.max() > 10  # the turn
+    assert len(rows) == 12 and set(np.round(gaps[:3])) <= {7.0, 8.0} and gaps.max() > 10  # the turn
     plan = FlightPlan("replay", len(rows), FOOT, replay=rows, overlap=0.7)
     truth = simulate_flight(data_dir / NETHERLANDS, plan, 3, root / "replay")
     assert [round(t.time_s) for t in truth] == [round(t - rows[0][2]) for _, _, t in rows]
@@ -174,7 +174,7 @@ def test_a_real_flights_path_replayed_from_its_uavvisloc_log(flight, data_dir: P
     hits = [np.hypot(by_name[Path(t.path).name]["best_x"] - t.spec.cx,
                      by_name[Path(t.path).name]["best_y"] - t.spec.cy) <= t.spec.footprint_m * t.spec.scale
             for t in truth]
-    assert res.order_source == "time" and sum(hits) >= 15, hits
+    assert res.order_source == "time" and sum(hits) >= 11, hits
 
 
 def test_cli_locate_flight(flight, data_dir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -109,6 +109,22 @@ def test_auto_runs_the_runtime_measured_fastest_on_this_machine_and_torch_on_cud
     assert rt.runner_label(again) == stored["choice"]
 
 
+def test_ranks_of_a_torchrun_job_never_measure(torch_model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    """Ranks share the cores: a measurement in each would time the others. They use what is stored, else
+    ONNX Runtime's defaults, and store nothing."""
+    spec = rt.RuntimeSpec(torch_model.meta.weights_sha256, torch_model.meta.input_size)
+    monkeypatch.setenv("CDIKT_MACHINE_DIR", str(tmp_path / "machine"))
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29999")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(rs, "measure_runtimes", lambda *_a, **_k: pytest.fail("measured in a rank"))
+    runner = rs.select_runner("auto", torch_model.net, spec, torch.device("cpu"))
+    if "onnxruntime" in _available():
+        assert rt.runner_label(runner) == "onnxruntime-defaults"
+    assert machine.profile()["choices"] == {}
+
+
 def test_choice_keeps_onnxruntime_defaults_unless_clearly_beaten() -> None:
     assert rs.choose({"openvino": 101.0, "onnxruntime-defaults": 100.0, "torch": 30.0}) == "onnxruntime-defaults"
     assert rs.choose({"openvino": 110.0, "onnxruntime-defaults": 100.0}) == "openvino"

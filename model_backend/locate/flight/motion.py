@@ -28,7 +28,8 @@ MIN_INLIERS = 20
 RATIO = 0.8
 MIN_TEXTURE = 4.0
 """Below this 90th-percentile gradient (grey levels per pixel at 480 px, sensor noise blurred away), a photo
-has nothing to match: simulated bare fields read 1.7-2.2, the softest real map renders 9 and more."""
+has nothing to match: simulated bare fields read 1.7-2.2; the softest map renders seen, NAIP fields at 5 m
+rendered for 400 m photos, read 6 and more (median 14-20)."""
 
 
 @dataclass(frozen=True)
