@@ -16,3 +16,11 @@ if "CDIKT_MACHINE_DIR" not in os.environ:
 
     os.environ["CDIKT_MACHINE_DIR"] = tempfile.mkdtemp(prefix="cdikt-machine-")
     atexit.register(shutil.rmtree, os.environ["CDIKT_MACHINE_DIR"], True)
+# Likewise the models' ONNX exports (~8 s each): made once per session, not once per test's own cache.
+if "CDIKT_RUNTIMES_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["CDIKT_RUNTIMES_DIR"] = tempfile.mkdtemp(prefix="cdikt-runtimes-")
+    atexit.register(shutil.rmtree, os.environ["CDIKT_RUNTIMES_DIR"], True)

@@ -34,8 +34,12 @@ def default_data_dir() -> Path:
 
 
 def runtimes_dir() -> Path:
-    """Cached CPU-runtime exports (ONNX) of each model."""
-    return default_cache_dir() / "runtimes"
+    """Cached CPU-runtime exports (ONNX) of each model: $CDIKT_RUNTIMES_DIR, else `runtimes/` in the cache.
+
+    The override lets several caches share one set of exports (an export takes ~8 s): the test suite
+    gives each test its own cache but exports each model once."""
+    env = os.environ.get("CDIKT_RUNTIMES_DIR")
+    return Path(env) if env else default_cache_dir() / "runtimes"
 
 
 def resources_dir() -> Path:

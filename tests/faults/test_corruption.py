@@ -157,11 +157,12 @@ def test_a_model_that_gives_nan_never_reaches_the_cache(tmp_path: Path) -> None:
 def test_a_damaged_runtime_export_is_replaced_not_used(tmp_path: Path) -> None:
     """A corrupt cached ONNX file: the agreement check refuses it (NaN included) and it is made again."""
     cache = tmp_path / "cache"
-    first = run_cli("index", RASTER, "--footprint-m", FOOTPRINT, "--runtime", "onnxruntime", cache=cache)
+    own = {"CDIKT_RUNTIMES_DIR": str(cache / "runtimes")}  # its own exports: this test damages them
+    first = run_cli("index", RASTER, "--footprint-m", FOOTPRINT, "--runtime", "onnxruntime", cache=cache, env=own)
     assert first.returncode == 0, first.stderr
     onnx = next((cache / "runtimes").glob("*.onnx"))
     onnx.write_bytes(onnx.read_bytes()[:2048])
-    second = run_cli("index", RASTER, "--footprint-m", 50.0, "--runtime", "onnxruntime", "-v", cache=cache)
+    second = run_cli("index", RASTER, "--footprint-m", 50.0, "--runtime", "onnxruntime", "-v", cache=cache, env=own)
     assert second.returncode == 0, second.stderr
     assert "Traceback" not in second.stderr
     from model_backend.index.store import TileIndex
