@@ -53,6 +53,8 @@ MARGIN = 0.03
 read 0.97-1.03 of each other from one run to the next on a quiet 2-core machine)."""
 BATCH = 32
 """Indexing's batch size."""
+TOPIC_VERSION = 2
+"""Bumped when the candidates change: a profile measured among other candidates is measured again."""
 ROUNDS = 5
 """Rounds of a few batches per candidate, in turn, so drift and a noisy neighbour hit every candidate alike
 (3 rounds of half a second each once picked OpenVINO at 0.92x ONNX Runtime)."""
@@ -99,7 +101,7 @@ def auto_runner(net: nn.Module, spec: RuntimeSpec, threads: int | None = None,
     else:
         choice = remembered(topic, lambda: measure_runtimes(net, spec, threads, folder, built))
     rates = choice.get("tiles_per_s", {})
-    order = [choice.get("choice", PREFERRED)]
+    order = [c for c in (choice.get("choice"),) if c in CANDIDATES] or [PREFERRED]
     order += sorted((k for k, v in rates.items() if v and k in CANDIDATES and k not in order), key=lambda k: -rates[k])
     order += [k for k in CANDIDATES if k not in order]
     for label in order:
@@ -119,7 +121,7 @@ def auto_runner(net: nn.Module, spec: RuntimeSpec, threads: int | None = None,
 def runtime_topic(spec: RuntimeSpec, threads: int | None) -> str:
     """What a measurement depends on besides the processor: the network's shape, threads, runtime versions."""
     versions = "-".join(f"{p}{_version(p)}" for p in ("openvino", "onnxruntime", "torch"))
-    return (f"runtime/{spec.architecture}-{spec.pooling}-{spec.input_size}px-opset{spec.opset}/"
+    return (f"runtime/v{TOPIC_VERSION}/{spec.architecture}-{spec.pooling}-{spec.input_size}px-opset{spec.opset}/"
             f"threads{cpu_threads(threads)}/{versions}")
 
 
