@@ -39,12 +39,11 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from model_backend.core.requests import FlightRequest as FLIGHT_DEFAULTS  # torch-free: the flight's defaults
 from model_backend.geo.geodesy import GEOD  # torch-free: great-circle metres
 
 from .model_panel import ModelPanel, ProgressStatus
 from .settings import CdiktSettings
-from .tasks import LocateParams
+from .tasks import FLIGHT_DEFAULTS, LocateParams
 
 PHOTO_FILTER = "Images (*.jpg *.jpeg *.JPG *.JPEG *.png *.PNG *.tif *.tiff *.TIF *.TIFF);;All files (*)"
 THUMB = QSize(280, 180)

@@ -189,7 +189,7 @@ def copy_paths(folder: Path, tag: str, kernel: str) -> tuple[Path, Path]:
 
 def _source_tag(index: Scorable) -> str:
     """Names the embeddings a copy was made from: their checksum, else their file's size and time."""
-    sha = (index.manifest or {}).get("checksums", {}).get("embeddings.npy") if hasattr(index, "manifest") else None
+    sha = (index.manifest or {}).get("checksums", {}).get("embeddings.npy")
     if sha:
         return str(sha)[:16]
     st = (Path(index.folder) / "embeddings.npy").stat()  # type: ignore[arg-type]

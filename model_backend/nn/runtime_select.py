@@ -112,8 +112,9 @@ def auto_runner(net: nn.Module, spec: RuntimeSpec, threads: int | None = None,
             return None
         runner = built.get(label) or _try(label, net, spec, threads, folder, logging.INFO)
         if runner is not None:
-            log.info("CPU runtime: %s with %d threads, the fastest measured on this machine (%s; %s)", label,
-                     cpu_threads(threads), _figures(choice), profile_path())
+            how = "the fastest measured" if label == order[0] else "the fastest usable of those measured"
+            log.info("CPU runtime: %s with %d threads, %s on this machine (%s; %s)", label, cpu_threads(threads),
+                     how, _figures(choice), profile_path())
             return runner
     return None
 
