@@ -172,6 +172,14 @@ class LocateDock(ProgressStatus, QDockWidget):
             "the photo's real footprint, heading and a confidence. Skipped automatically for oblique photos."
         )
         form.addRow("", self.verify_check)
+        self.structure_check = QCheckBox("Compare the ground's shapes", body)
+        self.structure_check.setChecked(True)
+        self.structure_check.setToolTip(
+            "Re-rank the best candidates by field edges, roads and shorelines, which stay when colours change: "
+            "what finds the place when the photo and the map are of other seasons or years. About 1.5 s per "
+            "photo; single photos only (a flight's track does this work)."
+        )
+        form.addRow("", self.structure_check)
         self.gps_radius_spin = QDoubleSpinBox(body)
         self.gps_radius_spin.setRange(0.0, 100000.0)
         self.gps_radius_spin.setDecimals(0)
@@ -318,6 +326,7 @@ class LocateDock(ProgressStatus, QDockWidget):
             footprint_m=float(self.footprint_spin.value()), footprint_auto=self.footprint_auto.isChecked(),
             top_k=int(self.top_k_spin.value()),
             verify=None if self.verify_check.isChecked() else False,
+            structure=self.structure_check.isChecked(),
             prior_radius_m=float(self.gps_radius_spin.value()) or None,
             tolerance_pct=float(self.tolerance_spin.value()),
         )

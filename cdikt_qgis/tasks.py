@@ -47,6 +47,8 @@ class LocateParams:
     top_k: int
     verify: bool | None = None
     """None = verify when the photo looks down enough (the engine decides); False = never."""
+    structure: bool = True
+    """Re-rank the best candidates by the ground's shapes (QueryConfig.structure)."""
     prior_radius_m: float | None = None
     tolerance_pct: float = CdiktSettings.DEFAULT_TOLERANCE_PCT
     """How far (%) the typed or EXIF footprint may be off (QueryConfig.footprint_tolerance x 100)."""
@@ -105,7 +107,8 @@ def locate_request(params: LocateParams, source: RasterSource, out_dir: str, set
     return LocateRequest(
         source.path, params.photo, out_dir, tiling=TilingConfig(footprint_m=float(params.footprint_m)),
         query=QueryConfig(top_k=int(params.top_k), footprint_m=None if params.footprint_auto else params.footprint_m,
-                          footprint_tolerance=float(params.tolerance_pct) / 100.0),
+                          footprint_tolerance=float(params.tolerance_pct) / 100.0,
+                          structure=bool(params.structure)),
         model=ModelConfig(weights=settings.weights_path), cache_dir=settings.cache_dir,
         verify=params.verify, prior_radius_m=params.prior_radius_m)
 
@@ -193,11 +196,15 @@ class LocateTask(LocatingTask):
 
 def flight_request(params: LocateParams, source: RasterSource, out_dir: str, settings: Any) -> Any:
     """The engine's FlightRequest for a flight folder picked in the dock (`params.photo` is the folder):
-    the locate options the dock shows, and the flight's top speed, motion and log."""
+    the locate options the dock shows (but the structure re-rank: the track does that work, at no cost per
+    photo), and the flight's top speed, motion and log."""
+    from dataclasses import replace
+
     from model_backend.core.requests import FlightRequest
 
     one = locate_request(params, source, out_dir, settings)
-    return FlightRequest(one.raster, (params.photo,), out_dir, tiling=one.tiling, query=one.query, model=one.model,
+    query = replace(one.query, structure=False)
+    return FlightRequest(one.raster, (params.photo,), out_dir, tiling=one.tiling, query=query, model=one.model,
                          cache_dir=one.cache_dir, verify=one.verify, prior_radius_m=one.prior_radius_m,
                          max_speed_m_s=params.max_speed_m_s, motion=params.motion, log=params.flight_log)
 

@@ -79,6 +79,10 @@ def _locate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="match local features to refine the footprint (default: when the photo looks down "
                         "within 30 degrees of nadir, or its pitch is unknown)")
+    p.add_argument("--structure", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-rank the best candidates by the shape of the ground (field edges, roads, shores), "
+                        "which survives other seasons and years (about 1.5 s per photo; default: on for "
+                        "locate, off for locate-flight, whose track does that work)")
     p.add_argument("--prior-radius-m", type=float,
                    help="score only tiles within this many metres of the photo's GPS position (EXIF)")
     _common(p)
@@ -382,7 +386,8 @@ def _locate_checks(args: argparse.Namespace) -> tuple[TilingConfig, QueryConfig]
     if args.footprint_m is not None:
         make_grid(info, replace(tiling, footprint_m=args.footprint_m))  # too large, too small, too many tiles
     return tiling, QueryConfig(top_k=args.top_k, rotations=args.rotations, footprint_m=args.footprint_m,
-                               footprint_tolerance=args.footprint_tolerance)
+                               footprint_tolerance=args.footprint_tolerance,
+                               structure=(args.command == "locate") if args.structure is None else args.structure)
 
 
 def _locate_flight(args: argparse.Namespace, model: ModelConfig) -> int:

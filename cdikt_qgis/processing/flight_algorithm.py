@@ -25,7 +25,7 @@ from qgis.core import (
 
 from ..settings import CdiktSettings
 from .common import MODEL_HELP, CdiktAlgorithm, EngineFeedback, engine_errors, import_engine
-from .locate_algorithm import FROM_EXIF, NEAR_GPS, PHOTOS, TOLERANCE, VERIFY, expand_photos
+from .locate_algorithm import FROM_EXIF, NEAR_GPS, PHOTOS, STRUCTURE, TOLERANCE, VERIFY, expand_photos
 
 MAX_SPEED = "MAX_SPEED"
 INTERVAL = "INTERVAL_S"
@@ -87,6 +87,9 @@ class LocateFlightAlgorithm(CdiktAlgorithm):
             USE_GPS, "Use the photos' GPS positions as a prior", defaultValue=True))
         self.addParameter(QgsProcessingParameterBoolean(
             VERIFY, "Verify footprints (local features; skipped for oblique photos)", defaultValue=True))
+        self.addParameter(QgsProcessingParameterBoolean(
+            STRUCTURE, "Re-rank each photo by the ground's structure (about 1.5 s a photo; the track does "
+            "much of that work)", defaultValue=False))
         self.addParameter(QgsProcessingParameterFile(
             LOG, "Flight log CSV (UAV-VisLoc columns: filename, date, lat, lon, height, Phi1)",
             QgsProcessingParameterFile.File, optional=True, fileFilter="CSV (*.csv);;All files (*)"))
@@ -131,7 +134,8 @@ class LocateFlightAlgorithm(CdiktAlgorithm):
         out = self.parameterAsString(parameters, OUTPUT_FOLDER, context)
         query = QueryConfig(footprint_m=None if self.parameterAsBoolean(parameters, FROM_EXIF, context)
                             else inputs.footprint_m,
-                            footprint_tolerance=self.parameterAsDouble(parameters, TOLERANCE, context) / 100.0)
+                            footprint_tolerance=self.parameterAsDouble(parameters, TOLERANCE, context) / 100.0,
+                            structure=self.parameterAsBoolean(parameters, STRUCTURE, context))
         with engine_errors():
             if bridge.cancel():
                 raise Cancelled()

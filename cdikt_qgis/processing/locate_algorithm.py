@@ -45,6 +45,7 @@ PHOTOS = "PHOTOS"
 FROM_EXIF = "FOOTPRINT_FROM_EXIF"
 TOLERANCE = "FOOTPRINT_TOLERANCE"
 VERIFY = "VERIFY"
+STRUCTURE = "STRUCTURE"
 NEAR_GPS = "NEAR_GPS_M"
 TOP_K = "TOP_K"
 ROTATIONS = "ROTATIONS"
@@ -165,6 +166,9 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
         self.addParameter(rotations)
         self.addParameter(QgsProcessingParameterBoolean(
             VERIFY, "Verify footprints (local features; skipped for oblique photos)", defaultValue=True))
+        self.addParameter(QgsProcessingParameterBoolean(
+            STRUCTURE, "Re-rank by the ground's structure (field edges, roads: for a map of another year)",
+            defaultValue=True))
         self.addParameter(QgsProcessingParameterNumber(
             NEAR_GPS, "Near GPS (m): search only this close to the photo's EXIF position (0: anywhere)",
             QgsProcessingParameterNumber.Double, defaultValue=0.0, minValue=0.0))
@@ -214,7 +218,8 @@ class LocatePhotosAlgorithm(CdiktAlgorithm):
                             rotations=self.parameterAsInt(parameters, ROTATIONS, context),
                             footprint_m=None if self.parameterAsBoolean(parameters, FROM_EXIF, context)
                             else inputs.footprint_m,
-                            footprint_tolerance=self.parameterAsDouble(parameters, TOLERANCE, context) / 100.0)
+                            footprint_tolerance=self.parameterAsDouble(parameters, TOLERANCE, context) / 100.0,
+                            structure=self.parameterAsBoolean(parameters, STRUCTURE, context))
         base = LocateRequest(  # the dock and the CLI build the same request; only photo and folder vary here
             inputs.source.path, "", root, tiling=inputs.tiling(), query=query, model=inputs.model(),
             cache_dir=inputs.cache_dir,

@@ -46,8 +46,8 @@ def flight_case(map_raster: str | Path, plan: FlightPlan, seed: int, net: Embedd
     folder = work / f"flight_{Path(map_raster).stem}_{Path(photo_raster or map_raster).stem}_{plan.pattern}_{seed}"
     truth = simulate_flight(map_raster, plan, seed, folder / "photos", photo_raster=photo_raster, gps=gps)
     request = FlightRequest(str(map_raster), (str(folder / "photos"),), str(folder / "out"),
-                            query=QueryConfig(footprint_m=plan.footprint_m), cache_dir=cache_dir, verify=verify,
-                            use_gps=gps)
+                            query=QueryConfig(footprint_m=plan.footprint_m, structure=False), cache_dir=cache_dir,
+                            verify=verify, use_gps=gps)
     t0 = time.perf_counter()
     res = locate_flight(request, embedder=net)
     wall = time.perf_counter() - t0
@@ -224,7 +224,7 @@ def flight_scale_benchmark(net: EmbeddingModel, tmp: Path, say: Any, n_photos: i
     out: dict[str, Any] = {}
     for tol in tolerances:
         cache = folder / f"cache_tol{tol:g}"
-        query = QueryConfig(footprint_m=SCALE_FOOTPRINT_M, footprint_tolerance=tol)
+        query = QueryConfig(footprint_m=SCALE_FOOTPRINT_M, footprint_tolerance=tol, structure=False)
         request = FlightRequest(str(raster), (str(folder / "photos"),), str(folder / f"out_tol{tol:g}"), query=query,
                                 cache_dir=str(cache), verify=False)
         tiles = seed_flight_indexes(request, net, sorted((folder / "photos").glob("*.jpg"))[0])

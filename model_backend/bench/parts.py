@@ -227,6 +227,14 @@ def part_adapt(say: Say, seed: int = 0) -> Figures:
     return out
 
 
+def part_cross_year(seeds: int, views: int, quick: bool, tmp: Path, say: Say) -> Figures:
+    """bench.cross_year: six year pairs x `seeds` seeds x `views` views, footprint x1.0 and x1.3 (quick: x1.0)."""
+    from model_backend.bench.cross_year import cross_year_benchmark
+
+    return cross_year_benchmark(say, seeds=range(seeds), n_views=views, factors=(1.0,) if quick else (1.0, 1.3),
+                                tmp=tmp)
+
+
 def part_adapt_matrix(seeds: int, log: Path | None, say: Say) -> Figures:
     """bench.adapt_matrix over `seeds` seeds (0..seeds-1), all six year pairs, footprint x1.0 and x1.3."""
     from model_backend.bench.adapt_matrix import run_matrix
@@ -278,6 +286,11 @@ FLOORS: dict[str, Floor] = {
                                       "500-photo flight on a 10^5-tile index, no verification, s per photo (2 cores)"),
     "flight_scale_decode_ms_per_photo": Floor("flight_scale_decode_ms_per_photo", "<=", 10.0,
                                               "decoding that flight (hub correction over 10^5 tiles), ms per photo"),
+    "cross_year_top1_mean": Floor("cross_year_top1_mean", ">=", 0.45,
+                                  "cross-year top-1 unadapted (ImageNet; embedding + structure re-rank), mean of "
+                                  "6 year pairs x seeds, footprint x1"),
+    "cross_year_x1.3_ratio": Floor("cross_year_x1.3_ratio", ">=", 0.9,
+                                   "the same with the footprint given x1.3, vs x1"),
     "adapt_matrix_before_mean": Floor("adapt_matrix_before_mean", ">=", 0.45,
                                       "cross-year top-1 before adapting, mean of 6 year pairs x seeds (footprint x1)"),
     "adapt_matrix_in_use_mean": Floor("adapt_matrix_in_use_mean", ">=", 0.70,

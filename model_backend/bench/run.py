@@ -284,7 +284,8 @@ def bench_accuracy(net: EmbeddingModel, tmp: Path, n_views: int, say: Say) -> di
         hit1 += rep.hit1 * rep.n
         hit5 += rep.hit5 * rep.n
         n += rep.n
-        say(f"accuracy {path.stem:38s} fp {fp:4.0f} m  top1 {rep.hit1:6.1%}  top5 {rep.hit5:6.1%}  "
+        emb = "" if rep.hit1_embedding is None else f" (embedding alone {rep.hit1_embedding:.1%})"
+        say(f"accuracy {path.stem:38s} fp {fp:4.0f} m  top1 {rep.hit1:6.1%}{emb}  top5 {rep.hit5:6.1%}  "
             f"median error {rep.median_error_m:7.1f} m  ({rep.n} views, {dt:.0f} s)")
     if not n:
         return {"accuracy": per}
@@ -295,8 +296,8 @@ def bench_accuracy(net: EmbeddingModel, tmp: Path, n_views: int, say: Say) -> di
             "median_error_m": round(med, 2), "accuracy_views": int(n), "accuracy": per}
 
 
-PARTS = ("speed", "query", "photo", "accuracy", "footprint", "flight", "flight_scale", *SCALE_PARTS, "training", "gpu",
-         "adapt", "adapt_matrix")
+PARTS = ("speed", "query", "photo", "accuracy", "footprint", "cross_year", "flight", "flight_scale", *SCALE_PARTS,
+         "training", "gpu", "adapt", "adapt_matrix")
 """Every part, in the order run; `--skip scale` stands for all of SCALE_PARTS."""
 
 
@@ -309,6 +310,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, help="CPU threads for the model (default: the runtime's choice)")
     ap.add_argument("--runtime", default="auto", help="CPU runtime: auto, torch, openvino or onnxruntime")
     ap.add_argument("--views", type=int, help="views per raster for accuracy (default 60, quick 12)")
+    ap.add_argument("--cross-year-seeds", type=int, default=3,
+                    help="seeds of the cross-year part (6 year pairs each; default 3, quick 1)")
+    ap.add_argument("--cross-year-views", type=int, default=20,
+                    help="views per (year pair, seed) of the cross-year part (default 20, quick 8)")
     ap.add_argument("--matrix-seeds", type=int, default=5,
                     help="seeds of the adaptation matrix (6 year pairs x 2 footprints each; ~2.5 h for 5 on 2 cores)")
     ap.add_argument("--matrix-log", type=Path, help="JSON-lines file the matrix appends each run to and resumes from")
@@ -398,6 +403,8 @@ def run_all(args: argparse.Namespace, tmp: Path, t_start: float, say: Say) -> di
         "photo": lambda: bench_photo(net, say),
         "accuracy": lambda: bench_accuracy(net, tmp, args.views or (12 if q else 60), say),
         "footprint": lambda: footprint_benchmark(net, tmp, args.views or (12 if q else 60), say),
+        "cross_year": lambda: bp.part_cross_year(1 if q else args.cross_year_seeds, 8 if q else args.cross_year_views,
+                                                 bool(q), tmp, say),
         "flight": lambda: flight_benchmark(net, tmp, say, seeds=(2,) if q else (2, 3, 4), n_photos=12 if q else 30),
         "flight_scale": lambda: flight_scale_benchmark(net, tmp, say, n_photos=60 if q else 500,
                                                        tolerances=(0.0,) if q else (0.0, 0.3)),

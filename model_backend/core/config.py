@@ -74,6 +74,9 @@ class QueryConfig:
     scale_search: tuple[float, ...] = field(default=(0.6, 1.0, 1.6))
     """Footprint multipliers tried when the footprint is unknown."""
     footprint_tolerance: float = 0.3
+    structure: bool = True
+    """Re-rank the best candidates by the shape of the ground (field edges, roads, shores; see
+    model_backend.locate.structure): what still matches when the photo and the map are years apart."""
     """How far a given footprint (typed, or from EXIF) may be off: the sizes given/(1+t), given and
     given*(1+t) are searched and the best-scoring one is used (0: the given size only). An analyst's
     guess of the ground size is rarely within 10 %; at 0.3 a guess 30 % off locates as well as the

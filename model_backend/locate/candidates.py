@@ -45,6 +45,9 @@ class Candidate:
     """Centre of the retrieved tile, raster CRS, when x/y were refined by verification."""
     tile_y: float | None = None
     tile_polygon: list[tuple[float, float]] | None = None
+    structure: float | None = None
+    """Edge-structure correlation where the photo fits best near this candidate (model_backend.locate.structure);
+    None while the structure re-rank has not run or could not place it."""
     image_to_crs: list[list[float]] | None = None
     """3x3 homography from photo pixels (after EXIF orientation) to the raster CRS (verified only);
     kept for draping the photo on the map, never exported as an attribute."""
@@ -58,11 +61,13 @@ class Candidate:
         props = {"rank": int(self.rank), "score": float(self.score), "x": float(self.x), "y": float(self.y),
                  "lon": float(self.lon), "lat": float(self.lat),
                  "verified": None, "confidence": None, "inliers": None, "heading_deg": None, "gsd_m": None,
-                 "tile_x": None, "tile_y": None}
+                 "tile_x": None, "tile_y": None, "structure": _opt(self.structure)}
         if self.verified is not None:
             props.update(verified=bool(self.verified), confidence=float(self.confidence or 0.0),
                          inliers=int(self.inliers or 0), heading_deg=_opt(self.heading_deg),
                          gsd_m=_opt(self.gsd_m), tile_x=_opt(self.tile_x), tile_y=_opt(self.tile_y))
+        elif self.tile_x is not None:  # moved by the structure re-rank: where its tile was
+            props.update(tile_x=float(self.tile_x), tile_y=_opt(self.tile_y))
         return props
 
 

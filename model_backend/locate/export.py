@@ -39,6 +39,7 @@ MATCH_FIELDS: dict[str, type] = {
     "lat": float, "footprint_m": float, "footprint_source": str,
     "footprint_given_m": float, "model": str, "verified": bool,
     "confidence": float, "inliers": int, "heading_deg": float, "gsd_m": float, "tile_x": float, "tile_y": float,
+    "structure": float,
     "gps_distance_m": float, "gps_disagrees": bool,
 }
 """The one schema of a matches output: GeoJSON, GeoPackage and the Processing layer all carry these

@@ -31,6 +31,7 @@ from model_backend.locate.outputs import OUTPUT_SUFFIXES, output_set
 from model_backend.locate.priors import gps_disagrees, gps_xy, nadir_enough
 from model_backend.locate.query import photo_queries, score_tiles
 from model_backend.locate.scores import TileScores
+from model_backend.locate.structure import DEFAULT_STRUCTURE, StructureConfig, structure_rerank
 from model_backend.locate.verify import DEFAULT_VERIFY, VerifyConfig, verify_candidates
 from model_backend.nn.embedder import EmbeddingModel
 
@@ -95,7 +96,8 @@ class LocateResult:
             "verified": bool(b.verified), "confidence": None if b.confidence is None else round(b.confidence, 4),
             "footprint_wkt": "POLYGON ((" + ", ".join(f"{x:.3f} {y:.3f}" for x, y, *_ in b.polygon) + "))",
             "heading_deg": b.heading_deg, "inliers": b.inliers,
-            **{k: v for k, v in self.extra.items() if k.startswith(("gps_", "verify_", "draped"))},
+            "structure": b.structure,
+            **{k: v for k, v in self.extra.items() if k.startswith(("gps_", "verify_", "structure_", "draped"))},
         }
 
 
@@ -198,12 +200,32 @@ def best_footprint(indexes: list[TileIndex], queries: np.ndarray, *,
     return FootprintSearch(idx.grid.footprint_m, idx, scores, tried, [str(i.folder) for i in indexes])
 
 
+def rerank_by_structure(info: RasterInfo, image: np.ndarray, cands: list[Candidate], chosen_m: float,
+                        given_m: float | None, query: QueryConfig, yaw_deg: float | None,
+                        scores: TileScores | None = None, cfg: StructureConfig = DEFAULT_STRUCTURE
+                        ) -> tuple[list[Candidate], float]:
+    """The structure re-rank as locate runs it; (candidates, seconds).
+
+    Sizes are tried around the one given (typed or EXIF) over its whole tolerance, not only around the
+    embedding's choice: across years that choice is often a whole step of the search off (bench part
+    `cross_year`); with no size given, around the choice. `scores`: every tile's, whose median and spread
+    weigh the embedding's evidence against the structure's (None: structure alone)."""
+    base, span = (given_m, 1.0 + query.footprint_tolerance) if given_m and query.footprint_tolerance > 0 \
+        else (chosen_m, None)
+    stats = None
+    if scores is not None:
+        finite = scores.values[np.isfinite(scores.values)]
+        stats = (float(np.median(finite)), float(finite.std())) if finite.size else None
+    return structure_rerank(info, image, cands, base, yaw_deg, cfg, span=span, tile_scores=stats)
+
+
 def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
                  query: QueryConfig = QueryConfig(), model: ModelConfig = ModelConfig(),
                  cache_dir: str | None = None, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None, embedder: EmbeddingModel | None = None,
                  verify: bool | None = None, prior_radius_m: float | None = None,
-                 verify_config: VerifyConfig = DEFAULT_VERIFY, out_name: str | None = None) -> LocateResult:
+                 verify_config: VerifyConfig = DEFAULT_VERIFY, out_name: str | None = None,
+                 structure_config: StructureConfig = DEFAULT_STRUCTURE) -> LocateResult:
     """Locate one photo; writes <name>.heatmap.tif, .matches.geojson and .matches.gpkg in out_dir.
 
     verify: geometric verification of the top candidates (None: when the photo looks down enough).
@@ -244,13 +266,20 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
                    "is it on this raster? Use a larger --prior-radius-m or none.")
     fp, idx, scores = found.footprint_m, found.index, found.scores
     stem = out_name or Path(photo).stem
-    n_cands = max(query.top_k, verify_config.top_k) if do_verify else query.top_k
+    n_cands = max(query.top_k, verify_config.top_k if do_verify else 0,
+                  structure_config.top_k if query.structure else 0)
     cands = select_candidates(scores, n_cands, query.nms_iou)
     finite = scores.values[np.isfinite(scores.values)]
     # How this photo's scores spread over the raster: a flight compares candidates across photos in
     # standard deviations above the median tile, since raw cosines differ from bland to busy ground.
     extra: dict[str, Any] = {"score_median": float(np.median(finite)) if finite.size else 0.0,
                              "score_std": float(finite.std()) if finite.size else 0.0}
+    if query.structure and cands:
+        if progress:
+            progress(0.90, "Comparing the ground's structure")
+        cands, secs = rerank_by_structure(info, image, cands, fp, given, query, priors.yaw_deg, scores,
+                                          structure_config)
+        extra["structure_seconds"] = round(secs, 3)
     if do_verify and cands:
         if progress:
             progress(0.92, "Verifying candidates")

@@ -281,8 +281,8 @@ def verify_candidates(info: RasterInfo, photo: np.ndarray, candidates: list[Cand
                       ) -> tuple[list[Candidate], float]:
     """Verify the first cfg.top_k candidates, refine the verified ones, re-rank all; (candidates, seconds).
 
-    Ranking: verified first, then by retrieval score + confidence. A verified candidate takes the
-    photo's footprint as its polygon and the photo centre's ground point as x/y (its tile stays
+    Ranking: verified first (by retrieval score + confidence), then the others in the order given. A verified
+    candidate takes the photo's footprint as its polygon and the photo centre's ground point as x/y (its tile stays
     in tile_x/tile_y/tile_polygon). Candidates that would repeat a better verified footprint
     (same place within half a footprint, or skipped because their neighbourhood holds it) are
     marked unverified with confidence 0.
@@ -293,10 +293,10 @@ def verify_candidates(info: RasterInfo, photo: np.ndarray, candidates: list[Cand
     with Verifier(info, photo, footprint_m, cfg, dataset) as ver:
         for i, c in enumerate(candidates):
             if i >= cfg.top_k:
-                out.append(replace(c, verified=False, confidence=0.0, inliers=0, tile_x=c.x, tile_y=c.y))
+                out.append(replace(c, verified=False, confidence=0.0, inliers=0, **_tile(c)))
                 continue
             if cfg.skip_covered and any(ver.covers(c.x, c.y, *xy) for xy in found):
-                out.append(replace(c, verified=False, confidence=0.0, inliers=0, tile_x=c.x, tile_y=c.y))
+                out.append(replace(c, verified=False, confidence=0.0, inliers=0, **_tile(c)))
                 continue
             v = ver.verify(c.x, c.y)
             if v.verified and any(ver.ground_m(*v.centre, x, y) < 0.5 * footprint_m for x, y in found):
@@ -304,14 +304,20 @@ def verify_candidates(info: RasterInfo, photo: np.ndarray, candidates: list[Cand
             out.append(_apply(c, v, info.crs_wkt))
             if v.verified:
                 found.append(v.centre)
-    out.sort(key=lambda c: (not c.verified, -(c.score + (c.confidence or 0.0))))
+    # Stable: the unverified keep the order they came in (the embedding's, or the structure re-rank's).
+    out.sort(key=lambda c: (not c.verified, -(c.score + (c.confidence or 0.0)) if c.verified else 0.0))
     return [replace(c, rank=i + 1) for i, c in enumerate(out)], time.perf_counter() - t0
+
+
+def _tile(c: Candidate) -> dict[str, float]:
+    """Where the candidate's tile was: kept from the structure re-rank when it moved the candidate."""
+    return {"tile_x": c.x if c.tile_x is None else c.tile_x, "tile_y": c.y if c.tile_y is None else c.tile_y}
 
 
 def _apply(c: Candidate, v: Verification, crs_wkt: str) -> Candidate:
     """The candidate with a verification's outcome: refined geometry when verified."""
     base = replace(c, verified=v.verified, confidence=round(v.confidence, 4), inliers=v.inliers,
-                   tile_x=c.x, tile_y=c.y)
+                   **_tile(c))
     if not v.verified or v.centre is None:
         return base
     lon, lat = to_wgs84(crs_wkt).transform(*v.centre)
@@ -320,7 +326,7 @@ def _apply(c: Candidate, v: Verification, crs_wkt: str) -> Candidate:
         ring.reverse()
     return replace(base, x=v.centre[0], y=v.centre[1], lon=float(lon), lat=float(lat), polygon=ring,
                    heading_deg=round(v.heading_deg, 2), gsd_m=round(v.gsd_m, 4),
-                   tile_polygon=c.polygon,
+                   tile_polygon=c.tile_polygon or c.polygon,
                    image_to_crs=None if v.image_to_crs is None else np.asarray(v.image_to_crs).tolist())
 
 

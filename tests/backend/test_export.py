@@ -143,7 +143,7 @@ def test_candidate_geometry_and_lonlat(grids):
             assert (c.lon, c.lat) == pytest.approx(to_ll.transform(c.x, c.y), abs=1e-12)
             props = c.to_properties()  # verification fields are there, null until verification runs
             assert set(props) == {"rank", "score", "x", "y", "lon", "lat", "verified", "confidence", "inliers",
-                                  "heading_deg", "gsd_m", "tile_x", "tile_y"}
+                                  "heading_deg", "gsd_m", "tile_x", "tile_y", "structure"}
             assert props["verified"] is None and props["heading_deg"] is None
 
 
@@ -253,7 +253,8 @@ def test_gpkg_keeps_source_crs_and_features(grids, name, tmp_path):
         "y": "Real", "lon": "Real", "lat": "Real", "footprint_m": "Real", "footprint_source": "String",
         "footprint_given_m": "Real", "model": "String", "verified": "Integer", "confidence": "Real",
         "inliers": "Integer64",
-        "heading_deg": "Real", "gsd_m": "Real", "tile_x": "Real", "tile_y": "Real", "gps_distance_m": "Real",
+        "heading_deg": "Real", "gsd_m": "Real", "tile_x": "Real", "tile_y": "Real", "structure": "Real",
+        "gps_distance_m": "Real",
         "gps_disagrees": "Integer", "rotations": "Integer64"}
     ds = lyr = None
 

@@ -48,7 +48,8 @@ def flight(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def _request(root: Path, data_dir: Path, out: str = "out", **kw) -> FlightRequest:
     return FlightRequest(str(data_dir / NETHERLANDS), (str(root / "photos"),), str(root / out),
-                         query=QueryConfig(footprint_m=FOOT), verify=False, cache_dir=str(root / "cache"), **kw)
+                         query=QueryConfig(footprint_m=FOOT, structure=False), verify=False,
+                         cache_dir=str(root / "cache"), **kw)
 
 
 def test_photos_are_ordered_by_their_clock_else_by_name(flight, tmp_path: Path) -> None:
@@ -141,7 +142,8 @@ def test_a_featureless_stretch_is_flagged_not_forced_and_the_track_goes_on(fligh
     plan = FlightPlan("lawnmower", 10, FOOT, featureless=(4, 3))
     truth = simulate_flight(data_dir / NETHERLANDS, plan, 6, root / "bare")
     request = FlightRequest(str(data_dir / NETHERLANDS), (str(root / "bare"),), str(root / "bare_out"),
-                            query=QueryConfig(footprint_m=FOOT), verify=False, cache_dir=str(root / "cache"))
+                            query=QueryConfig(footprint_m=FOOT, structure=False), verify=False,
+                            cache_dir=str(root / "cache"))
     res = locate_flight(request)
     assert not res.failed and sum(t.featureless for t in truth) == 3
     by_name = {Path(line["photo"]).name: line for line in res.lines}
@@ -168,7 +170,8 @@ def test_a_real_flights_path_replayed_from_its_uavvisloc_log(flight, data_dir: P
     truth = simulate_flight(data_dir / NETHERLANDS, plan, 3, root / "replay")
     assert [round(t.time_s) for t in truth] == [round(t - rows[0][2]) for _, _, t in rows]
     request = FlightRequest(str(data_dir / NETHERLANDS), (str(root / "replay"),), str(root / "replay_out"),
-                            query=QueryConfig(footprint_m=FOOT), verify=False, cache_dir=str(root / "cache"))
+                            query=QueryConfig(footprint_m=FOOT, structure=False), verify=False,
+                            cache_dir=str(root / "cache"))
     res = locate_flight(request)
     by_name = {Path(line["photo"]).name: line for line in res.lines}
     hits = [np.hypot(by_name[Path(t.path).name]["best_x"] - t.spec.cx,
@@ -197,7 +200,8 @@ def test_gps_in_the_photos_is_a_prior_that_pins_a_cross_year_track(data_dir: Pat
     truth = simulate_flight(naip[2015], FlightPlan("free", 8, 400.0, speed_m_s=12.0), 4, tmp_path / "photos",
                             photo_raster=naip[2020], gps=True)
     request = FlightRequest(str(naip[2015]), (str(tmp_path / "photos"),), str(tmp_path / "out"),
-                            query=QueryConfig(footprint_m=400.0), verify=False, cache_dir=str(tmp_path / "cache"))
+                            query=QueryConfig(footprint_m=400.0, structure=False), verify=False,
+                            cache_dir=str(tmp_path / "cache"))
     res = locate_flight(request)
     hits = [np.hypot(line["best_x"] - t.spec.cx, line["best_y"] - t.spec.cy) <= 400.0
             for line, t in zip(res.lines, truth)]

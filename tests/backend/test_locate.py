@@ -21,6 +21,7 @@ from model_backend.geo.tiling import make_grid
 from model_backend.learn.datasets.synth import ViewSpec, make_views, render_view, save_view
 from model_backend.locate.heatmap import NODATA
 from model_backend.locate.pipeline import LocateResult, locate_photo
+from model_backend.locate.structure import DEFAULT_STRUCTURE
 
 MANILA = "manila_oam_0.10m.tif"    # 2048 px at 0.1 m: ~198 m square, black collars
 FLORIDA = "florida_neon_0.10m.tif"  # 400 px at 0.1 m: 40 m square, cheap to index at any footprint
@@ -123,8 +124,13 @@ def test_candidates_ranked_top_k_and_suppressed(manila_run) -> None:
     cands = res.candidates
     assert len(cands) == TOP_K
     assert [c.rank for c in cands] == list(range(1, TOP_K + 1))
-    scores = [c.score for c in cands]
-    assert scores == sorted(scores, reverse=True)
+    # verified first; the others in the structure re-rank's order: edge correlation + the embedding's evidence
+    verified = [c.verified for c in cands]
+    assert verified == sorted(verified, reverse=True)
+    med, std, w = res.extra["score_median"], res.extra["score_std"], DEFAULT_STRUCTURE.embedding_weight
+    keys = [c.structure + w * (c.score - med) / std for c in cands
+            if not c.verified and c.tile_polygon is not None]   # placed (moved) by the re-rank
+    assert keys == sorted(keys, reverse=True) and len(keys) >= 1
     nms = QueryConfig().nms_iou
     for i in range(len(cands)):
         for j in range(i + 1, len(cands)):
