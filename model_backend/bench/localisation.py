@@ -83,7 +83,8 @@ def synthetic_localisation(raster: str, n_views: int, footprint_m: float, seed: 
             first = cands[0]
             hit1_emb += bool(ground_distance_m(info.crs_wkt, np.array([first.x]), np.array([first.y]),
                                                np.array([v.spec.cx]), np.array([v.spec.cy]))[0] <= footprint_m)
-            cands, s = rerank_by_structure(info, v.image, cands, found.footprint_m, given, query, None, found.scores)
+            cands, s = rerank_by_structure(info, v.image, cands, found.footprint_m, given, query, None,
+                                           found.scores.spread())
             secs += s
         cands = cands[:5]
         xs = np.array([c.x for c in cands])

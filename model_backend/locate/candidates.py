@@ -42,7 +42,7 @@ class Candidate:
     gsd_m: float | None = None
     """The photo's mean ground metres per pixel (verified only)."""
     tile_x: float | None = None
-    """Centre of the retrieved tile, raster CRS, when x/y were refined by verification."""
+    """Centre of the retrieved tile, raster CRS, when x/y were refined (by verification or the structure re-rank)."""
     tile_y: float | None = None
     tile_polygon: list[tuple[float, float]] | None = None
     structure: float | None = None

@@ -202,21 +202,17 @@ def best_footprint(indexes: list[TileIndex], queries: np.ndarray, *,
 
 def rerank_by_structure(info: RasterInfo, image: np.ndarray, cands: list[Candidate], chosen_m: float,
                         given_m: float | None, query: QueryConfig, yaw_deg: float | None,
-                        scores: TileScores | None = None, cfg: StructureConfig = DEFAULT_STRUCTURE
+                        spread: tuple[float, float] | None = None, cfg: StructureConfig = DEFAULT_STRUCTURE
                         ) -> tuple[list[Candidate], float]:
     """The structure re-rank as locate runs it; (candidates, seconds).
 
     Sizes are tried around the one given (typed or EXIF) over its whole tolerance, not only around the
     embedding's choice: across years that choice is often a whole step of the search off (bench part
-    `cross_year`); with no size given, around the choice. `scores`: every tile's, whose median and spread
-    weigh the embedding's evidence against the structure's (None: structure alone)."""
+    `cross_year`); with no size given, around the choice. `spread`: the tile scores' `TileScores.spread`,
+    which weighs the embedding's evidence against the structure's (None: structure alone)."""
     base, span = (given_m, 1.0 + query.footprint_tolerance) if given_m and query.footprint_tolerance > 0 \
         else (chosen_m, None)
-    stats = None
-    if scores is not None:
-        finite = scores.values[np.isfinite(scores.values)]
-        stats = (float(np.median(finite)), float(finite.std())) if finite.size else None
-    return structure_rerank(info, image, cands, base, yaw_deg, cfg, span=span, tile_scores=stats)
+    return structure_rerank(info, image, cands, base, yaw_deg, cfg, span=span, tile_scores=spread)
 
 
 def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
@@ -269,15 +265,14 @@ def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig 
     n_cands = max(query.top_k, verify_config.top_k if do_verify else 0,
                   structure_config.top_k if query.structure else 0)
     cands = select_candidates(scores, n_cands, query.nms_iou)
-    finite = scores.values[np.isfinite(scores.values)]
-    # How this photo's scores spread over the raster: a flight compares candidates across photos in
-    # standard deviations above the median tile, since raw cosines differ from bland to busy ground.
-    extra: dict[str, Any] = {"score_median": float(np.median(finite)) if finite.size else 0.0,
-                             "score_std": float(finite.std()) if finite.size else 0.0}
+    # How this photo's scores spread over the raster: a flight compares candidates across photos, and the
+    # structure re-rank weighs the embedding's evidence, in standard deviations above the median tile.
+    spread = scores.spread()
+    extra: dict[str, Any] = {"score_median": spread[0], "score_std": spread[1]}
     if query.structure and cands:
         if progress:
             progress(0.90, "Comparing the ground's structure")
-        cands, secs = rerank_by_structure(info, image, cands, fp, given, query, priors.yaw_deg, scores,
+        cands, secs = rerank_by_structure(info, image, cands, fp, given, query, priors.yaw_deg, spread,
                                           structure_config)
         extra["structure_seconds"] = round(secs, 3)
     if do_verify and cands:

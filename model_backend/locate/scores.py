@@ -70,6 +70,12 @@ class TileScores:
         ok = self.scored
         return float(self.values[ok].max()) if ok.any() else -math.inf
 
+    def spread(self) -> tuple[float, float]:
+        """Median and standard deviation of the scored tiles ((0, 0) when none was): how far a tile stands out
+        is measured in these, since raw cosines differ from bland to busy ground."""
+        finite = self.values[self.scored]
+        return (float(np.median(finite)), float(finite.std())) if finite.size else (0.0, 0.0)
+
     def centres(self) -> tuple[np.ndarray, np.ndarray]:
         """Tile centres in the grid's CRS."""
         x, y = self.grid.centres(self.cols, self.rows)

@@ -28,7 +28,7 @@ from rasterio.windows import Window
 
 from model_backend.geo.geodesy import to_wgs84
 from model_backend.geo.raster import RasterInfo, dataset_mask
-from model_backend.geo.reader import compute_stretch
+from model_backend.geo.reader import Stretch, compute_stretch
 from model_backend.locate.candidates import Candidate
 
 CONF_COEF = (-8.6, 4.2, 2.3)
@@ -259,21 +259,29 @@ class Verifier:
         win = Window(c0, r0, c1 - c0, r1 - r0)
         ow = max(16, round((c1 - c0) * info.gsd_x_m / gsd))
         oh = max(16, round((r1 - r0) * info.gsd_y_m / gsd))
-        up = ow > (c1 - c0) or oh > (r1 - r0)
-        data = self.ds.read(list(info.rgb_bands), window=win, out_shape=(3, oh, ow),
-                            resampling=Resampling.bilinear if up else Resampling.average)
-        if info.has_mask:
-            valid = dataset_mask(self.ds, window=win, out_shape=(oh, ow), resampling=Resampling.nearest) > 0
-        else:
-            valid = data.max(axis=0) > 0   # undeclared black collars, as the tile reader treats them
-        if self._stretch is not None:
-            data = self._stretch.apply(data)
-        grey = cv2.cvtColor(np.ascontiguousarray(np.moveaxis(data, 0, -1)), cv2.COLOR_RGB2GRAY)
+        grey, valid = read_grey(self.ds, info, self._stretch, win, (oh, ow))
         mask = None
         if not valid.all():  # no keypoints on nodata or its edge (the edge is a strong false corner)
             mask = cv2.erode(valid.astype(np.uint8) * 255, np.ones((7, 7), np.uint8))
         to_px = np.array([[(c1 - c0) / ow, 0, c0], [0, (r1 - r0) / oh, r0], [0, 0, 1.0]])
         return grey, mask, np.array(info.affine, float).reshape(3, 3) @ to_px
+
+
+def read_grey(ds: rasterio.io.DatasetReader, info: RasterInfo, stretch: Stretch | None, win: Window,
+              shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A raster window read as grey uint8 of `shape` (rows, cols) and its valid mask: averaged down,
+    bilinear up, stretched when the raster is not 8-bit; nodata from the mask, else black collars."""
+    oh, ow = shape
+    up = ow > win.width or oh > win.height
+    data = ds.read(list(info.rgb_bands), window=win, out_shape=(3, oh, ow),
+                   resampling=Resampling.bilinear if up else Resampling.average)
+    if info.has_mask:
+        valid = dataset_mask(ds, window=win, out_shape=(oh, ow), resampling=Resampling.nearest) > 0
+    else:
+        valid = data.max(axis=0) > 0   # undeclared black collars, as the tile reader treats them
+    if stretch is not None:
+        data = stretch.apply(data)
+    return cv2.cvtColor(np.ascontiguousarray(np.moveaxis(data, 0, -1)), cv2.COLOR_RGB2GRAY), valid
 
 
 def verify_candidates(info: RasterInfo, photo: np.ndarray, candidates: list[Candidate], footprint_m: float,
