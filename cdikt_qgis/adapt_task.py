@@ -61,9 +61,10 @@ def ask_to_adapt_with_few_pairs(parent, n: int) -> bool:
 
 def adapt_request(source: RasterSource, labels: Path, out: Path, data_dir: str, settings: CdiktSettings,
                   epochs: int | None = None) -> AdaptRequest:
-    """The engine's AdaptRequest for the dock: the same request the CLI and Processing build."""
+    """The engine's AdaptRequest for the dock: the same request the CLI and Processing build, learning from
+    the rest of the flight (the other photos in the labelled photos' folders) as Processing does by default."""
     return AdaptRequest(source.path, str(labels), str(out), ModelConfig(weights=settings.weights_path),
-                        cache_dir=settings.cache_dir, epochs=epochs, data_dir=data_dir)
+                        cache_dir=settings.cache_dir, epochs=epochs, data_dir=data_dir, flight_photos=True)
 
 
 class AdaptTask(EngineTask):
@@ -202,6 +203,9 @@ class AdaptController(QObject):
             figure = (f"top-1 {100 * before.top1:.0f} % → {100 * after.top1:.0f} %, median rank "
                       f"{before.median_rank:g} → {after.median_rank:g} on {after.n} labelled photos, each "
                       "checked by a model that did not train on it")
+            pseudo = getattr(res, "pseudo", None)
+            if pseudo is not None and pseudo.tried:
+                figure += f"; {len(pseudo.labels)} of {pseudo.tried} other photos of the flight trained as extra pairs"
             if res.use:  # the engine's keep-or-reject decision (learn.adapt.crossfit), never a guess here
                 set_active_model(self.settings, res.out)
                 text = f"Adapted model is now active ({figure}; trained: {res.trained_part})."

@@ -168,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new .safetensors file (an existing file is never overwritten)")
     _weights(p, "model to start from (default: the embedded model)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the engine's)")
-    p.add_argument("--photos", nargs="*", default=[], metavar="PHOTO", help="unlabelled photos of the area (CDTS)")
+    p.add_argument("--photos", nargs="*", default=[], metavar="PHOTO",
+                   help="unlabelled photos of the area (the rest of the flight): those the current model places "
+                   "with confidence train as extra pairs, the others without labels (CDTS)")
+    p.add_argument("--flight-photos", action=argparse.BooleanOptionalAction, default=True,
+                   help="also use the other photos in the labelled photos' folders as unlabelled photos (default: "
+                   "on, as in the dock and Processing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
     p.add_argument("--look", choices=ADAPT_LOOKS, default="auto",
                    help="keep colour, drop it (luminance only: for imagery whose colours change, e.g. crops "
@@ -274,7 +279,8 @@ def _adapt(args: argparse.Namespace, model: ModelConfig) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise_user(f"--epochs must be at least 1, got {args.epochs}.")
     request = AdaptRequest(args.raster, args.labels, args.out, model, cache_dir=args.cache_dir,
-                           photos=tuple(args.photos), epochs=args.epochs, look=args.look, seed=args.seed)
+                           photos=tuple(args.photos), flight_photos=args.flight_photos, epochs=args.epochs,
+                           look=args.look, seed=args.seed)
     read_labels(args.labels)  # a bad labels file fails before torch is imported
 
     from model_backend.learn.adapt import adapt_model

@@ -21,6 +21,7 @@ from qgis.core import (
     QgsProcessingOutputBoolean,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
@@ -34,6 +35,7 @@ from .common import MODEL_HELP, CdiktAlgorithm, EngineFeedback, engine_errors, i
 LABELS = "LABELS"
 EPOCHS = "EPOCHS"
 LOOK = "LOOK"
+FLIGHT_PHOTOS = "FLIGHT_PHOTOS"
 LOOKS = (("auto", "Auto: drop colour if the labelled pairs match better without it"), ("colour", "Keep colour"),
          ("luminance", "Drop colour (luminance only: e.g. crops that change from year to year)"))
 OUTPUT = "OUTPUT"
@@ -91,7 +93,11 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
             "picker; the raster is re-indexed with it.</p>"
             "<p><b>Colour</b>: across years crops change colour field by field; the adapted model can ignore "
             "colour and see luminance only. <i>Auto</i> does so when the training pairs match better "
-            "without it.</p>" + MODEL_HELP
+            "without it.</p>"
+            "<p><b>Learn from the rest of the flight</b>: the other photos in the labelled photos' folders are "
+            "located with the current model; those it places with confidence (by the shape of the ground) "
+            "train as extra pairs, the others without labels. They never judge the new model: only your "
+            "labels do.</p>" + MODEL_HELP
         )
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
@@ -103,6 +109,8 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
             defaultValue=0, minValue=0, maxValue=200))
         self.addParameter(QgsProcessingParameterEnum(LOOK, "Colour", options=[text for _, text in LOOKS],
                                                      defaultValue=0))
+        self.addParameter(QgsProcessingParameterBoolean(
+            FLIGHT_PHOTOS, "Learn from the other photos in the labelled photos' folders", defaultValue=True))
         self.add_model_parameters()
         self.addParameter(QgsProcessingParameterFileDestination(
             OUTPUT, "Adapted model", "Safetensors weights (*.safetensors)"))
@@ -126,6 +134,7 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
             out += ".safetensors"
         epochs = self.parameterAsInt(parameters, EPOCHS, context)
         look = LOOKS[self.parameterAsEnum(parameters, LOOK, context)][0]
+        flight_photos = self.parameterAsBoolean(parameters, FLIGHT_PHOTOS, context)
         bridge = EngineFeedback(feedback)
         import_engine()
         from model_backend.core.errors import Cancelled
@@ -137,11 +146,13 @@ class AdaptModelAlgorithm(CdiktAlgorithm):
                 raise Cancelled()
             request = AdaptRequest(inputs.source.path, self._labels or "", out, inputs.model(),
                                    cache_dir=inputs.cache_dir, epochs=epochs or None, look=look,
-                                   data_dir=engine_default_data_dir())
+                                   flight_photos=flight_photos, data_dir=engine_default_data_dir())
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             res = adapt_model(request, progress=bridge.progress, cancel=bridge.cancel)
         figures = res.to_dict()
-        feedback.pushInfo(f"Trained: {res.trained_part}, on {res.n_train} pairs; {len(res.held_out)} held out.")
+        feedback.pushInfo(f"Trained: {res.trained_part}, on {res.n_train} pairs; {len(res.held_out)} held out; "
+                          f"{figures['pseudo_pairs']} of {figures['pseudo_tried']} other photos of the flight placed "
+                          "with confidence and trained as extra pairs.")
         feedback.pushInfo(f"Before: top-1 {res.before.top1:.0%}, median rank {res.before.median_rank:g}; "
                           f"after: top-1 {res.after.top1:.0%}, median rank {res.after.median_rank:g}.")
         feedback.pushInfo(json.dumps({"before": figures["before"], "after": figures["after"],

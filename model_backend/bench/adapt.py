@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -93,14 +94,50 @@ def make_labelled_photos(photo_raster: str | Path, map_raster: str | Path, n: in
     return out
 
 
+def unlabelled_photos(photo_raster: str | Path, n: int, footprint_m: float, seed: int, folder: Path,
+                      look: Callable[[Path], None] | None = None, margin_m: float | None = None,
+                      region: Region = HELD_OUT_REGION) -> list[Path]:
+    """`n` simulated photos without labels (the rest of a flight); their truth goes to truth.json beside them,
+    for measuring the pseudo-labels, never to the adaptation."""
+    if n <= 0:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    out, truth = [], {}
+    for i, view in enumerate(make_views(str(photo_raster), n, footprint_m, seed, margin_m=margin_m, region=region)):
+        path = folder / f"pool_{i:03d}.jpg"
+        save_view(view, str(path))
+        if look is not None:
+            look(path)
+        truth[path.name] = (view.spec.cx, view.spec.cy, view.spec.footprint_m * view.spec.scale)
+        out.append(path)
+    (folder / "truth.json").write_text(json.dumps(truth))
+    return out
+
+
+def pool_truth(folder: Path) -> dict[str, list[float]]:
+    p = folder / "truth.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _pseudo_right(res: Any, truth: dict[str, list[float]]) -> int:
+    """Pseudo pairs whose centre lies within one footprint of the photo's true centre (map CRS in metres)."""
+    if not res.pseudo:
+        return 0
+    return sum(1 for lb in res.pseudo.labels if (t := truth.get(lb.photo.name)) and
+               math.hypot(lb.cx - t[0], lb.cy - t[1]) <= t[2])
+
+
 def adapt_benchmark(*, case: str = "cross-year", seed: int = 0, n_train: int = 10, n_test: int = 100,
                     footprint_m: float = 400.0, year: int = 2020, config: AdaptConfig | None = None,
                     keep: str | None = None, weights: str | None = str(IMAGENET), map_year: int = 2015,
-                    footprint_factor: float = 1.0, margin_m: float | None = None) -> dict[str, Any]:
+                    footprint_factor: float = 1.0, margin_m: float | None = None, n_pool: int = 0
+                    ) -> dict[str, Any]:
     """Run one case of the floor benchmark once; returns before/after figures, the gain in points, wall and CPU
     seconds. `year`: the photos' NAIP year of the cross-year case; `map_year`: the map's.
     `footprint_factor`: the analyst's footprint guess as a multiple of the true one (labels drawn that size,
-    so adaptation and the before/after check locate with it)."""
+    so adaptation and the before/after check locate with it). `n_pool`: unlabelled photos of the same flight
+    (other views of the photos' year, none of the labelled or test ones) handed to adapt, as the dock hands it
+    the photos' folder."""
     if case not in CASES:
         raise ValueError(f"Unknown adaptation case {case!r}; use one of {', '.join(CASES)}.")
     map_raster = NAIP.get(map_year)
@@ -114,10 +151,12 @@ def adapt_benchmark(*, case: str = "cross-year", seed: int = 0, n_train: int = 1
         labels = make_labelled_photos(photo_raster, map_raster, n_train + n_test, footprint_m, 100 + seed,
                                       tmp / "photos", look=camera_look if case == "camera" else None,
                                       label_factor=footprint_factor, margin_m=margin_m)
+        pool = [str(p) for p in unlabelled_photos(photo_raster, n_pool, footprint_m, 500 + seed, tmp / "pool",
+                                                  look=camera_look if case == "camera" else None, margin_m=margin_m)]
         cfg = replace(config or AdaptConfig(), holdout_count=n_test, seed=seed)
         t0 = time.perf_counter()
         res = adapt(str(map_raster), str(labels), str(tmp / "adapted.safetensors"), weights, config=cfg,
-                    cache_dir=str(tmp / "cache"), registry=ModelRegistry(tmp / "data"))
+                    photos=pool, cache_dir=str(tmp / "cache"), registry=ModelRegistry(tmp / "data"))
         wall = time.perf_counter() - t0
         gain = 100.0 * (res.after.top1 - res.before.top1)
         return {
@@ -133,7 +172,10 @@ def adapt_benchmark(*, case: str = "cross-year", seed: int = 0, n_train: int = 1
             "adapt_harm_if_used": bool(res.use and res.after.top1 < res.before.top1),
             "adapt_cpu_s": round(res.cpu_seconds, 1), "adapt_trained_part": res.trained_part,
             "adapt_look": res.look.look, "adapt_look_scores": res.look.scores,
-            "adapt_epochs": cfg.epochs, "adapt_floor_met": bool(gain >= FLOOR_POINTS and wall <= FLOOR_SECONDS),
+            "adapt_epochs": cfg.epochs, "adapt_pool": len(pool),
+            "adapt_pseudo_pairs": len(res.pseudo.labels) if res.pseudo else 0,
+            "adapt_pseudo_right": _pseudo_right(res, pool_truth(tmp / "pool")),
+            "adapt_floor_met": bool(gain >= FLOOR_POINTS and wall <= FLOOR_SECONDS),
         }
     finally:
         if user_cache is None:
@@ -151,13 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--look", default=AdaptConfig.look, choices=LOOKS)
-    ap.add_argument("--year", type=int, default=2020, choices=sorted(PHOTO_RASTERS))
+    ap.add_argument("--year", type=int, default=2020, choices=sorted(NAIP))
     ap.add_argument("--keep", help="keep the work folder here (one seed only)")
+    ap.add_argument("--pool", type=int, default=0, help="unlabelled photos of the flight handed to adapt")
+    ap.add_argument("--map-year", type=int, default=2015, choices=sorted(NAIP))
     args = ap.parse_args(argv)
     gains = []
     for seed in (int(s) for s in args.seeds.split(",")):
         out = adapt_benchmark(case=args.case, seed=seed, year=args.year, keep=args.keep, n_test=args.n_test,
-                              config=AdaptConfig(epochs=args.epochs, look=args.look))
+                              config=AdaptConfig(epochs=args.epochs, look=args.look), n_pool=args.pool,
+                              map_year=args.map_year)
         print(json.dumps(out), flush=True)
         gains.append(out.get("adapt_gain_points", float("nan")))
     if len(gains) > 1:

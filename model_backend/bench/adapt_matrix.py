@@ -2,16 +2,18 @@
 and the footprint given right (x1.0) and a third too large (x1.3).
 
 One adaptation (`bench.adapt.adapt_benchmark`) per (map year, photo year, seed, footprint factor):
-10 labelled photos train, 100 others are located before and after through the production path, and
-the keep-or-reject decision is recorded. Per footprint factor the summary gives, over all runs, the
-mean, the minimum and a 95 % bootstrap interval of the mean of top-1:
+10 labelled photos train, 40 unlabelled photos of the same flight are handed to it (`POOL`), 100 others
+are located before and after through the production path, and the keep-or-reject decision is recorded.
+Per footprint factor the summary gives, over all runs, the mean, the minimum and a 95 % bootstrap
+interval of the mean of top-1:
 - `before`: the starting model;
 - `after`: the adapted model, whether or not it was recommended;
 - `in_use`: what the analyst ends up with (the adapted model only when recommended);
 and how many runs activated a model that was worse on the 100 photos (the floor: none).
 
-Sixty adaptations take about 2.5 hours on 2 CPU cores. With `log`, each finished run is appended to a
-JSON-lines file as it ends and a rerun skips the runs already there, so an interrupted matrix resumes.
+Sixty adaptations take about 6 hours on 2 CPU cores (~350 s each with the pool of 40 photos). With `log`,
+each finished run is appended to a JSON-lines file as it ends and a rerun skips the runs already there,
+so an interrupted matrix resumes.
 
 The starting model is ImageNet MobileNetV2, as in the adapt part: the shipped default was trained on
 these three NAIP rasters, so its figures here would be measured on its own training data.
@@ -38,6 +40,9 @@ FOOTPRINT_M = 400.0
 MARGIN_M = round(FOOTPRINT_M * 1.2 * (max(FACTORS) - 1.0) * 0.75)
 """Views are kept this far inside the raster at every factor, so a label drawn x1.3 (of a view up to 1.2x
 the nominal size, at any heading) still lies on it, and every factor sees the same photos."""
+POOL = 40
+"""Unlabelled photos of the flight handed to each adaptation (as the dock hands it the labelled photos'
+folders): the pseudo pairs (`learn.adapt.pseudo`) come from them."""
 FLOOR_BEFORE = 0.45
 FLOOR_AFTER = 0.70
 
@@ -111,18 +116,20 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_matrix(*, seeds: Iterable[int] = SEEDS, factors: Iterable[float] = FACTORS,
                pairs: Iterable[tuple[int, int]] = PAIRS, log: Path | None = None, say: Say = print,
-               weights: str | None = str(IMAGENET), n_test: int = 100) -> dict[str, Any]:
-    """Run (or resume, with `log`) the matrix; returns the summary and the runs."""
+               weights: str | None = str(IMAGENET), n_test: int = 100, n_pool: int = POOL) -> dict[str, Any]:
+    """Run (or resume, with `log`) the matrix; returns the summary and the runs. A logged run made with
+    another pool size is run again."""
     done = read_log(log)
     runs: list[dict[str, Any]] = []
     todo = [(f, m, p, s) for f in factors for m, p in pairs for s in seeds]
     for i, (factor, m, p, seed) in enumerate(todo):
         key = (m, p, seed, float(factor))
-        if key in done:
+        if key in done and done[key].get("adapt_pool", 0) == n_pool:
             runs.append(done[key])
             continue
         r = adapt_benchmark(case="cross-year", seed=seed, year=p, map_year=m, footprint_factor=factor,
-                            weights=weights, n_test=n_test, footprint_m=FOOTPRINT_M, margin_m=MARGIN_M)
+                            weights=weights, n_test=n_test, footprint_m=FOOTPRINT_M, margin_m=MARGIN_M,
+                            n_pool=n_pool)
         if "adapt_skipped" in r:
             say(f"matrix   skipped: {r['adapt_skipped']}")
             return {"adapt_matrix_skipped": r["adapt_skipped"]}
@@ -162,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", default="all", help="map:photo year pairs, e.g. 2015:2020,2010:2020 (default all six)")
     ap.add_argument("--log", type=Path, help="JSON-lines file of finished runs: appended to, and resumed from")
     ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--pool", type=int, default=POOL, help="unlabelled photos of the flight (default %(default)s)")
     args = ap.parse_args(argv)
     pairs = PAIRS if args.pairs == "all" else tuple(tuple(int(y) for y in p.split(":")) for p in args.pairs.split(","))
     out = run_matrix(seeds=[int(s) for s in args.seeds.split(",")], factors=[float(f) for f in args.factors.split(",")],
-                     pairs=pairs, log=args.log, n_test=args.n_test,  # type: ignore[arg-type]
+                     pairs=pairs, log=args.log, n_test=args.n_test, n_pool=args.pool,  # type: ignore[arg-type]
                      say=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(out), flush=True)
     return 0

@@ -228,11 +228,12 @@ def part_adapt(say: Say, seed: int = 0) -> Figures:
 
 
 def part_cross_year(seeds: int, views: int, quick: bool, tmp: Path, say: Say) -> Figures:
-    """bench.cross_year: six year pairs x `seeds` seeds x `views` views, footprint x1.0 and x1.3 (quick: x1.0)."""
+    """bench.cross_year: six year pairs x `seeds` seeds x `views` views, footprint x1.0, x1.3 and x0.75
+    (quick: x1.0)."""
     from model_backend.bench.cross_year import cross_year_benchmark
 
-    return cross_year_benchmark(say, seeds=range(seeds), n_views=views, factors=(1.0,) if quick else (1.0, 1.3),
-                                tmp=tmp)
+    return cross_year_benchmark(say, seeds=range(seeds), n_views=views,
+                                factors=(1.0,) if quick else (1.0, 1.3, 0.75), tmp=tmp)
 
 
 def part_adapt_matrix(seeds: int, log: Path | None, say: Say) -> Figures:
@@ -291,6 +292,8 @@ FLOORS: dict[str, Floor] = {
                                   "6 year pairs x seeds, footprint x1"),
     "cross_year_x1.3_ratio": Floor("cross_year_x1.3_ratio", ">=", 0.9,
                                    "the same with the footprint given x1.3, vs x1"),
+    "cross_year_x0.75_ratio": Floor("cross_year_x0.75_ratio", ">=", 0.9,
+                                    "the same with the footprint given x0.75, vs x1"),
     "adapt_matrix_before_mean": Floor("adapt_matrix_before_mean", ">=", 0.45,
                                       "cross-year top-1 before adapting, mean of 6 year pairs x seeds (footprint x1)"),
     "adapt_matrix_in_use_mean": Floor("adapt_matrix_in_use_mean", ">=", 0.70,

@@ -114,7 +114,10 @@ class AdaptRequest:
     """`weights`: the model to start from (None: the embedded default); `runtime`, `threads`: how it runs."""
     cache_dir: str | None = None
     photos: tuple[str, ...] = ()
-    """Unlabelled photos of the same area, learnt from without labels (CDTS)."""
+    """Unlabelled photos of the same area: those the current model places with confidence train as extra
+    pairs (learn.adapt.pseudo), the others without labels (CDTS)."""
+    flight_photos: bool = False
+    """Also use, as `photos`, the other photos in the folders of the labelled photos (the rest of the flight)."""
     epochs: int | None = None
     """None: the engine's default."""
     look: str = "auto"

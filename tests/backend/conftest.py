@@ -51,6 +51,18 @@ def warp_to(src: Path, dst: Path, crs: CRS) -> Path:
     return dst
 
 
+def crop_to(src: Path, dst: Path, window) -> Path:
+    """A window of a real raster as its own GeoTIFF (small, fast cases of real imagery)."""
+    with rasterio.open(src) as s:
+        profile = {**s.profile, "width": window.width, "height": window.height,
+                   "transform": s.window_transform(window), "tiled": False}
+        profile.pop("blockxsize", None)
+        profile.pop("blockysize", None)
+        with rasterio.open(dst, "w", **profile) as d:
+            d.write(s.read(window=window))
+    return dst
+
+
 CUSTOM_WKT = (
     'PROJCS["Custom TM",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
     'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],'

@@ -16,15 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 from rasterio.windows import Window
 
 from model_backend.bench.adapt import IMAGENET, camera_look, make_labelled_photos
 from model_backend.core.errors import InputError
-from model_backend.learn.adapt import AdaptConfig, ValidationFigure, adapt, split_holdout
+from model_backend.learn.adapt import AdaptConfig, ValidationFigure, adapt, split_holdout, unlabelled_pool
+from model_backend.learn.adapt.pseudo import PseudoConfig
 from model_backend.learn.adapt.train import TrainConfig
 from model_backend.learn.labels import Label, LabelSet, read_labels, square_footprint, write_labels
 from model_backend.learn.versions import ModelRegistry
+
+from .conftest import crop_to
 
 pytestmark = pytest.mark.slow
 FOOTPRINT = 300.0
@@ -34,22 +36,11 @@ SMALL_TRAIN = TrainConfig(views_per_pair=6, unlabelled_tiles=30, views_per_tile=
 SMALL = AdaptConfig(epochs=3, holdout_count=16, rotations=4, runtime="torch", train=SMALL_TRAIN)
 
 
-def _crop(src: Path, dst: Path) -> Path:
-    with rasterio.open(src) as s:
-        profile = {**s.profile, "width": WINDOW.width, "height": WINDOW.height,
-                   "transform": s.window_transform(WINDOW), "tiled": False}
-        profile.pop("blockxsize", None)
-        profile.pop("blockysize", None)
-        with rasterio.open(dst, "w", **profile) as d:
-            d.write(s.read(window=WINDOW))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = Path(__file__).resolve().parents[1] / "data"
     root = tmp_path_factory.mktemp("adapt")
-    map_ = _crop(data / "naip_northdakota_5m_2015.tif", root / "map_2015.tif")
+    map_ = crop_to(data / "naip_northdakota_5m_2015.tif", root / "map_2015.tif", WINDOW)
     labels = make_labelled_photos(map_, map_, 24, FOOTPRINT, 7, root / "photos", size=(320, 240), look=camera_look)
     return {"root": root, "map": str(map_), "labels": labels}
 
@@ -150,6 +141,22 @@ def test_cancelled_adaptation_writes_nothing(case: dict, tmp_path: Path, cache_d
     assert not any(p.name.endswith(".safetensors") for p in tmp_path.iterdir())
 
 
+def test_the_unlabelled_pool_is_the_rest_of_the_flight_without_the_labelled_photos(case: dict) -> None:
+    from model_backend.geo.raster import open_raster
+    from model_backend.learn.labels import resolve_labels
+
+    info = open_raster(case["map"])
+    a = info.affine
+    labels = resolve_labels(read_labels(case["labels"]), info.crs_wkt,
+                            (a.c, a.f + a.e * info.height, a.c + a.a * info.width, a.f))[:4]
+    folder = labels[0].photo.parent
+    given = [str(folder / "photo_010.jpg"), str(labels[0].photo)]  # one unlabelled, one labelled
+    assert unlabelled_pool(labels, given, False) == [str(folder / "photo_010.jpg")]
+    pool = unlabelled_pool(labels, given, True)
+    assert len(pool) == 20 and len(set(pool)) == 20  # the folder's 24 photos less the 4 labelled, each once
+    assert not {str(lb.photo) for lb in labels} & set(pool) and not any(p.endswith(".gpkg") for p in pool)
+
+
 def test_validation_figure_summaries() -> None:
     fig = ValidationFigure([1, 3, 51, 1], 50)
     assert fig.top1 == 0.5 and fig.top5 == 0.75 and fig.median_rank == 2.0
@@ -163,8 +170,8 @@ def test_cli_adapt_prints_before_and_after(case: dict, tmp_path: Path, cache_dir
     from model_backend.cli import main
 
     tiny = replace(SMALL_TRAIN, views_per_pair=2, unlabelled_tiles=8, styled_views_per_tile=1, steps_per_epoch=3)
-    monkeypatch.setattr(model_backend.learn.adapt, "AdaptConfig", partial(AdaptConfig, runtime="torch", rotations=2,
-                                                                    train=tiny))  # the CLI's, made tiny
+    monkeypatch.setattr(model_backend.learn.adapt, "AdaptConfig", partial(
+        AdaptConfig, runtime="torch", rotations=2, train=tiny, pseudo=PseudoConfig(max_photos=5)))  # the CLI's, tiny
 
     assert main(["adapt", "--raster", case["map"], "--labels", str(tmp_path / "missing.gpkg"),
                  "--out", str(tmp_path / "m.safetensors")]) == 2
@@ -173,12 +180,16 @@ def test_cli_adapt_prints_before_and_after(case: dict, tmp_path: Path, cache_dir
     ls = read_labels(case["labels"])
     write_labels(geo, replace(ls, labels=[replace(lb, photo=str(ls.photo_path(lb))) for lb in ls.labels[:4]],
                               path=str(geo)))
+    # The rest of the flight: by default the other 20 photos of the labelled photos' folder (5 tried, as set above).
+    pool = [str(ls.photo_path(lb)) for lb in ls.labels[3:7]]
     rc = main(["adapt", "--raster", case["map"], "--labels", str(geo), "--out", str(tmp_path / "m.safetensors"),
-               "--epochs", "1", "--cache-dir", str(cache_dir), "--look", "luminance"])
+               "--epochs", "1", "--cache-dir", str(cache_dir), "--look", "luminance", "--photos", *pool])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(doc["before"]) >= {"top1", "median_rank", "ranks"} and doc["after"]["n"] == 4  # every pair checked
     assert doc["n_train"] == 4 and doc["n_holdout"] == 0 and Path(doc["out"]).is_file()
+    assert doc["pseudo_tried"] == 5 and 0 <= doc["pseudo_pairs"] <= 5
+    assert len(doc["decision"]["pairs"]) == 4  # pseudo pairs train but are never evidence
     assert isinstance(doc["use"], bool) and doc["use"] == doc["decision"]["use"]
     assert [p["rank_after"] for p in doc["decision"]["pairs"]] == doc["after"]["ranks"]
     assert doc["look"] == "luminance" and "luminance only" in doc["trained_part"]

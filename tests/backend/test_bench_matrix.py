@@ -47,7 +47,7 @@ def test_an_interrupted_matrix_resumes_from_its_log(tmp_path: Path) -> None:
     log.write_text("\n".join(lines) + '\n{"matrix_map_year": 20')
     assert len(read_log(log)) == len(PAIRS)
     said: list[str] = []
-    out = run_matrix(seeds=[0], factors=[1.0], log=log, say=said.append)
+    out = run_matrix(seeds=[0], factors=[1.0], log=log, say=said.append, n_pool=0)  # logged without a pool
     assert out["adapt_matrix_runs"] == 6 and out["adapt_matrix_before_mean"] == pytest.approx(0.2)
     assert out["adapt_matrix_in_use_mean"] == pytest.approx(0.3) and out["adapt_matrix_activated_worse"] == 0
     assert not any("seed 0 footprint" in m for m in said)  # no run was redone

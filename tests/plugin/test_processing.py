@@ -473,8 +473,8 @@ def test_one_adaptation_reaches_the_engine_as_one_request_from_all_three_front_e
     QgsProject.instance().removeMapLayer(layer.id())
 
     def asked(r) -> tuple:  # what the analyst decided; the output file and folders are each front end's
-        return (Path(r.raster), Path(r.labels), Path(r.model.weights), r.model.runtime, r.photos, r.epochs,
-                r.look, r.seed, r.record)
+        return (Path(r.raster), Path(r.labels), Path(r.model.weights), r.model.runtime, r.photos, r.flight_photos,
+                r.epochs, r.look, r.seed, r.record)
 
     assert len(arrived) == 3
     assert asked(arrived[0]) == asked(arrived[1]) == asked(arrived[2])

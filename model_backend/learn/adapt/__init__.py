@@ -41,9 +41,11 @@ from model_backend.index.build import CancelFn, ProgressFn, build_index
 from model_backend.learn.adapt.crossfit import Decision, cross_fit, true_rank
 from model_backend.learn.adapt.data import ViewAugment
 from model_backend.learn.adapt.look import LOOKS, LookChoice, choose_look, fold_luminance, sees_luminance
+from model_backend.learn.adapt.pseudo import PseudoConfig, PseudoResult, pseudo_labels
 from model_backend.learn.adapt.train import TrainConfig, build_views, sample_tile_centres, train_head
 from model_backend.learn.labels import LabelSet, ResolvedLabel, read_labels, resolve_labels
 from model_backend.learn.versions import ModelRegistry
+from model_backend.locate.flight.order import list_photos
 from model_backend.locate.pipeline import around, best_footprint, footprint_indexes
 from model_backend.locate.query import photo_queries, query_crops
 from model_backend.nn.cdiktnet import CDIKTNet, save_inference_weights
@@ -79,6 +81,13 @@ class AdaptConfig:
     """Inference engine for indexing and queries (model.ModelConfig.runtime); 'torch' skips the export."""
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: ViewAugment = field(default_factory=ViewAugment)
+    unlabelled_cdts: bool = False
+    """The unlabelled photos not made pseudo pairs also train without labels (CDTS). Off: measured on the
+    cross-year benchmark, CDTS on a flight's photos made adaptation worse (docs/adapt.md, "What did not help")."""
+    max_unlabelled: int = 60
+    """Of those, at most this many (a seeded sample): a whole flight's folder would cost minutes."""
+    pseudo: PseudoConfig | None = field(default_factory=PseudoConfig)
+    """Unlabelled photos placed with confidence train as extra pairs (`pseudo`); None: they stay unlabelled."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +144,7 @@ class AdaptResult:
     log: list[dict[str, float]] = field(default_factory=list)
 
     decision: Decision | None = None
+    pseudo: PseudoResult | None = None
 
     @property
     def use(self) -> bool:
@@ -154,7 +164,8 @@ class AdaptResult:
                 "n_train": self.n_train, "n_holdout": len(self.held_out),
                 "held_out": self.held_out, "footprint_m": round(self.footprint_m, 2),
                 "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
-                "index": self.index_dir, "epochs": self.config.epochs, "seed": self.config.seed}
+                "index": self.index_dir, "epochs": self.config.epochs, "seed": self.config.seed,
+                **(self.pseudo or PseudoResult([], 0, 0.0, [])).to_dict()}
 
     def json_line(self) -> str:
         return json.dumps(self.to_dict())
@@ -253,6 +264,47 @@ def _apply_look(model: CDIKTNet, raster: str, train: list[ResolvedLabel], config
     return choice
 
 
+def unlabelled_pool(labelled: list[ResolvedLabel], photos: list[str], flight_photos: bool) -> list[str]:
+    """The unlabelled photos adaptation may learn from: `photos`, plus with `flight_photos` the other photos in
+    the labelled photos' folders (the rest of the flight), each once; a labelled photo never (its label says
+    more)."""
+    if flight_photos:
+        photos = [*photos, *list_photos(sorted({str(lb.photo.parent) for lb in labelled}))]
+    own = {lb.photo.resolve() for lb in labelled}
+    return list(dict.fromkeys(p for p in photos if Path(p).resolve() not in own))
+
+
+def _pseudo_pairs(raster: str, pool: list[str], net: EmbeddingModel,
+                  tiling: TilingConfig, config: AdaptConfig, cache_dir: str | None, progress: ProgressFn,
+                  cancel: CancelFn | None) -> tuple[PseudoResult, list[str]]:
+    """(the photos of `pool` placed with confidence, as pairs; the others that train without labels, CDTS:
+    none unless `config.unlabelled_cdts`)."""
+    keep = config.max_unlabelled if config.unlabelled_cdts else 0
+    if config.pseudo is None or not pool:
+        return PseudoResult([], 0, 0.0, []), _sample(pool, keep, config.seed)
+    info = open_raster(raster)
+    sizes = around(tiling.footprint_m, config.footprint_tolerance, info)
+    indexes = footprint_indexes(raster, sizes, tiling=tiling, model=ModelConfig(), embedder=net, cache_dir=cache_dir,
+                                cancel=cancel, progress=_stage(progress, 0.0, 0.3))
+    found = pseudo_labels(info, pool, net, indexes, tiling.footprint_m, config.pseudo,
+                          query=QueryConfig(rotations=config.rotations), seed=config.seed,
+                          progress=_stage(progress, 0.3, 1.0), cancel=cancel)
+    log.info("Pseudo-labels: %d of %d photos tried placed with confidence in %.0f s", len(found.labels), found.tried,
+             found.seconds)
+    placed = {lb.photo for lb in found.labels}
+    return found, _sample([p for p in pool if Path(p) not in placed], keep, config.seed)
+
+
+def _sample(photos: list[str], n: int, seed: int) -> list[str]:
+    """At most n of the photos, a seeded sample in their order (a whole flight's folder would cost minutes)."""
+    if len(photos) <= n:
+        return photos
+    if n <= 0:
+        return []
+    keep = np.sort(np.random.default_rng([seed, 8]).choice(len(photos), n, replace=False))
+    return [photos[int(i)] for i in keep]
+
+
 def adapt_model(request: AdaptRequest, *, progress: ProgressFn | None = None,
                 cancel: CancelFn | None = None) -> AdaptResult:
     """The job as every front end asks for it: one AdaptRequest, unchanged (see core.requests)."""
@@ -260,22 +312,25 @@ def adapt_model(request: AdaptRequest, *, progress: ProgressFn | None = None,
                          **({"epochs": request.epochs} if request.epochs else {}))
     registry = ModelRegistry(request.data_dir) if request.record else None
     return adapt(request.raster, request.labels, request.out, request.model.weights, config=config,
-                 photos=list(request.photos), cache_dir=request.cache_dir, registry=registry,
+                 photos=list(request.photos), flight_photos=request.flight_photos, cache_dir=request.cache_dir,
+                 registry=registry,
                  threads=request.model.threads, progress=progress, cancel=cancel)
 
 
 def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = None, *,
-          config: AdaptConfig = AdaptConfig(), photos: list[str] | None = None, cache_dir: str | None = None,
-          registry: ModelRegistry | None = None, threads: int | None = None,
+          config: AdaptConfig = AdaptConfig(), photos: list[str] | None = None, flight_photos: bool = False,
+          cache_dir: str | None = None, registry: ModelRegistry | None = None, threads: int | None = None,
           progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> AdaptResult:
     """Fine-tune `weights` (None: the embedded default) on the labelled pairs; write the new model to `out`.
 
-    `photos`: unlabelled photos of the same area for CDTS. `registry`: where the new version is
+    `photos`: unlabelled photos of the same area (pseudo pairs where the current model is sure, else CDTS);
+    `flight_photos`: add the other photos in the labelled photos' folders to them. `registry`: where the new version is
     recorded (None: not recorded). Raises InputError for unusable input (before any training),
     Cancelled when `cancel()` turns true (nothing written).
     """
     try:
-        return _adapt(raster, labels, out, weights, config=config, photos=photos, cache_dir=cache_dir,
+        return _adapt(raster, labels, out, weights, config=config, photos=photos, flight_photos=flight_photos,
+                      cache_dir=cache_dir,
                       registry=registry, threads=threads, progress=progress, cancel=cancel)
     except Cancelled:  # also from an index build inside: what matters to the user is the model
         raise Cancelled(CANCELLED) from None
@@ -285,7 +340,8 @@ CANCELLED = "Adaptation cancelled; nothing was written and the active model is u
 
 
 def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *, config: AdaptConfig,
-           photos: list[str] | None, cache_dir: str | None, registry: ModelRegistry | None, threads: int | None,
+           photos: list[str] | None, flight_photos: bool, cache_dir: str | None, registry: ModelRegistry | None,
+           threads: int | None,
            progress: ProgressFn | None, cancel: CancelFn | None) -> AdaptResult:
     t0, c0 = time.perf_counter(), time.process_time()
     if progress:
@@ -300,6 +356,7 @@ def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *
     bounds = (min(xs), min(ys), max(xs), max(ys))
     resolved = resolve_labels(label_set, info.crs_wkt, bounds, Path(raster).name)
     train, held = split_holdout(resolved, config)
+    pool = unlabelled_pool(resolved, photos or [], flight_photos)
     footprint = config.footprint_m or round(float(np.median([lb.side_m for lb in resolved])), 1)
     tiling = TilingConfig(footprint_m=footprint)
     if threads:
@@ -319,11 +376,14 @@ def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *
                                       progress=_stage(progress, 0.12, 0.15))
         log.info("Before adaptation, on %d pairs kept out: %s", len(held), before.to_dict())
 
+    pseudo, loose = _pseudo_pairs(raster, pool, before_net, tiling, config, cache_dir,
+                                  _stage(progress, 0.15, 0.22), cancel)
     model = load_trainable(weights).eval()
     look = _apply_look(model, raster, train, config, info.crs_wkt)
     _check_cancel(cancel)
-    views = build_views(model, raster, train, photos or [], config.train, config.augment, config.seed,
-                        before_net, progress=_stage(progress, 0.15, 0.35), cancel=cancel)
+    # The pseudo pairs train like labels but come after them: the check (cross_fit) ranks only `train`.
+    views = build_views(model, raster, train + pseudo.labels, loose, config.train, config.augment, config.seed,
+                        before_net, progress=_stage(progress, 0.22, 0.35), cancel=cancel)
     decision = cross_fit(views, model, raster, train, before_index, before_queries, crops, config.train,
                          config.epochs, config.seed, config.max_rank, progress=_stage(progress, 0.35, 0.75),
                          cancel=cancel)
@@ -351,10 +411,10 @@ def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *
         after=after, trained_part=f"{views.trained_part}; {look.describe()}", n_train=len(train),
         held_out=[lb.photo.name for lb in held],
         footprint_m=footprint, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
-        index_dir=index_dir, config=config, look=look, log=history, decision=decision)
+        index_dir=index_dir, config=config, look=look, log=history, decision=decision, pseudo=pseudo)
     if registry is not None:
         kept = ("before", "after", "use", "decision", "trained_part", "look", "n_train", "n_holdout", "footprint_m",
-                "epochs", "seed")
+                "epochs", "seed", "pseudo_pairs")
         figures = {k: v for k, v in result.to_dict().items() if k in kept}
         figures["raster"] = Path(raster).name
         result.version_id = registry.add(out_path, result.parent_weights, figures).id
