@@ -36,7 +36,7 @@ from model_backend.core.config import ModelConfig, QueryConfig, TilingConfig
 from model_backend.core.errors import Cancelled, InputError
 from model_backend.core.requests import AdaptRequest
 from model_backend.geo.exif import load_photo, read_priors
-from model_backend.geo.raster import open_raster
+from model_backend.geo.raster import RasterInfo, open_raster
 from model_backend.index.build import CancelFn, ProgressFn, build_index
 from model_backend.learn.adapt.crossfit import Decision, cross_fit, true_rank
 from model_backend.learn.adapt.data import ViewAugment
@@ -274,15 +274,14 @@ def unlabelled_pool(labelled: list[ResolvedLabel], photos: list[str], flight_pho
     return list(dict.fromkeys(p for p in photos if Path(p).resolve() not in own))
 
 
-def _pseudo_pairs(raster: str, pool: list[str], net: EmbeddingModel,
-                  tiling: TilingConfig, config: AdaptConfig, cache_dir: str | None, progress: ProgressFn,
+def _pseudo_pairs(raster: str, info: RasterInfo, pool: list[str], net: EmbeddingModel, tiling: TilingConfig,
+                  config: AdaptConfig, cache_dir: str | None, progress: ProgressFn,
                   cancel: CancelFn | None) -> tuple[PseudoResult, list[str]]:
     """(the photos of `pool` placed with confidence, as pairs; the others that train without labels, CDTS:
     none unless `config.unlabelled_cdts`)."""
     keep = config.max_unlabelled if config.unlabelled_cdts else 0
     if config.pseudo is None or not pool:
         return PseudoResult([], 0, 0.0, []), _sample(pool, keep, config.seed)
-    info = open_raster(raster)
     sizes = around(tiling.footprint_m, config.footprint_tolerance, info)
     indexes = footprint_indexes(raster, sizes, tiling=tiling, model=ModelConfig(), embedder=net, cache_dir=cache_dir,
                                 cancel=cancel, progress=_stage(progress, 0.0, 0.3))
@@ -313,8 +312,7 @@ def adapt_model(request: AdaptRequest, *, progress: ProgressFn | None = None,
     registry = ModelRegistry(request.data_dir) if request.record else None
     return adapt(request.raster, request.labels, request.out, request.model.weights, config=config,
                  photos=list(request.photos), flight_photos=request.flight_photos, cache_dir=request.cache_dir,
-                 registry=registry,
-                 threads=request.model.threads, progress=progress, cancel=cancel)
+                 registry=registry, threads=request.model.threads, progress=progress, cancel=cancel)
 
 
 def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = None, *,
@@ -324,14 +322,13 @@ def adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None = N
     """Fine-tune `weights` (None: the embedded default) on the labelled pairs; write the new model to `out`.
 
     `photos`: unlabelled photos of the same area (pseudo pairs where the current model is sure, else CDTS);
-    `flight_photos`: add the other photos in the labelled photos' folders to them. `registry`: where the new version is
-    recorded (None: not recorded). Raises InputError for unusable input (before any training),
+    `flight_photos`: add the other photos in the labelled photos' folders to them. `registry`: where the new
+    version is recorded (None: not recorded). Raises InputError for unusable input (before any training),
     Cancelled when `cancel()` turns true (nothing written).
     """
     try:
         return _adapt(raster, labels, out, weights, config=config, photos=photos, flight_photos=flight_photos,
-                      cache_dir=cache_dir,
-                      registry=registry, threads=threads, progress=progress, cancel=cancel)
+                      cache_dir=cache_dir, registry=registry, threads=threads, progress=progress, cancel=cancel)
     except Cancelled:  # also from an index build inside: what matters to the user is the model
         raise Cancelled(CANCELLED) from None
 
@@ -341,8 +338,7 @@ CANCELLED = "Adaptation cancelled; nothing was written and the active model is u
 
 def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *, config: AdaptConfig,
            photos: list[str] | None, flight_photos: bool, cache_dir: str | None, registry: ModelRegistry | None,
-           threads: int | None,
-           progress: ProgressFn | None, cancel: CancelFn | None) -> AdaptResult:
+           threads: int | None, progress: ProgressFn | None, cancel: CancelFn | None) -> AdaptResult:
     t0, c0 = time.perf_counter(), time.process_time()
     if progress:
         progress(0.0, "Checking the labelled pairs")
@@ -376,7 +372,7 @@ def _adapt(raster: str, labels: str | LabelSet, out: str, weights: str | None, *
                                       progress=_stage(progress, 0.12, 0.15))
         log.info("Before adaptation, on %d pairs kept out: %s", len(held), before.to_dict())
 
-    pseudo, loose = _pseudo_pairs(raster, pool, before_net, tiling, config, cache_dir,
+    pseudo, loose = _pseudo_pairs(raster, info, pool, before_net, tiling, config, cache_dir,
                                   _stage(progress, 0.15, 0.22), cancel)
     model = load_trainable(weights).eval()
     look = _apply_look(model, raster, train, config, info.crs_wkt)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from model_backend.core.errors import Cancelled, CdiktError
 from model_backend.geo.exif import load_photo, read_priors
 from model_backend.geo.geodesy import metres_per_unit
 from model_backend.geo.raster import RasterInfo
+from model_backend.index.build import CancelFn, ProgressFn
 from model_backend.index.store import TileIndex
 from model_backend.learn.labels import ResolvedLabel
 from model_backend.locate.candidates import Candidate, select_candidates
@@ -39,9 +39,6 @@ from model_backend.nn.embedder import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
-
 
 @dataclass(frozen=True)
 class PseudoConfig:
@@ -50,7 +47,7 @@ class PseudoConfig:
     max_photos: int = 40
     """Photos located at most (a seeded sample of a larger folder)."""
     budget_s: float = 75.0
-    """Seconds spent locating at most; the photos not reached train as unlabelled photos (CDTS)."""
+    """Seconds spent locating at most; the photos not reached are treated as not placed."""
     min_structure: float = 0.2
     """Structure score (normalised correlation of edge orientations) the first place needs."""
     min_margin: float = 0.05
@@ -108,14 +105,13 @@ def pseudo_labels(info: RasterInfo, photos: list[str], net: EmbeddingModel, inde
             continue
         cands, _ = rerank_by_structure(info, image, cands, found.footprint_m, footprint_m, query, yaw,
                                        found.scores.spread())
-        placed = [c for c in cands if c.structure is not None and c.tile_x is not None]
-        if not placed:
+        best = cands[0]
+        if best.structure is None or best.tile_x is None:  # the re-rank could not place its first candidate
             continue
-        first = placed[0].structure or 0.0
-        second = max((c.structure or 0.0 for c in cands[1:] if c.structure is not None), default=0.0)
-        scores.append((Path(path).name, first, first - second))
-        if first >= cfg.min_structure and first - second >= cfg.min_margin and placed[0] is cands[0]:
-            made.append(_as_label(cands[0], path, info.crs_wkt, -(len(made) + 1)))
+        second = max((c.structure for c in cands[1:] if c.structure is not None), default=0.0)
+        scores.append((Path(path).name, best.structure, best.structure - second))
+        if best.structure >= cfg.min_structure and best.structure - second >= cfg.min_margin:
+            made.append(_as_label(best, path, info.crs_wkt, -(len(made) + 1)))
         if progress:
             progress((n + 1) / len(order), f"Placed {len(made)} of {n + 1} unlabelled photos with confidence")
     return PseudoResult(made, tried, time.perf_counter() - t0, scores)
