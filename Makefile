@@ -17,7 +17,7 @@ VENV          ?= .venv
 PYTHON        := $(VENV)/bin/python
 # Debian's interpreter: enough for packaging, which needs no venv.
 SYSTEM_PYTHON ?= /usr/bin/python3
-PYTEST_ARGS   ?=
+PYTEST_ARGS   ?= --durations=15
 
 PLUGIN        := cdikt_qgis
 VERSION       := $(shell sed -n 's/^version=//p' metadata.txt)

@@ -206,13 +206,15 @@ def rerank_by_structure(info: RasterInfo, image: np.ndarray, cands: list[Candida
                         ) -> tuple[list[Candidate], float]:
     """The structure re-rank as locate runs it; (candidates, seconds).
 
-    Sizes are tried around the one given (typed or EXIF) over its whole tolerance, not only around the
-    embedding's choice: across years that choice is often a whole step of the search off (bench part
-    `cross_year`); with no size given, around the choice. `spread`: the tile scores' `TileScores.spread`,
-    which weighs the embedding's evidence against the structure's (None: structure alone)."""
-    base, span = (given_m, 1.0 + query.footprint_tolerance) if given_m and query.footprint_tolerance > 0 \
-        else (chosen_m, None)
-    return structure_rerank(info, image, cands, base, yaw_deg, cfg, span=span, tile_scores=spread)
+    Sizes are tried around the one given (typed or EXIF) over its whole tolerance and beyond its top
+    (`StructureConfig.upward`), not only around the embedding's choice: across years that choice is often a
+    whole step of the search off (bench part `cross_year`); with no size given, around the choice.
+    `spread`: the tile scores' `TileScores.spread`, which weighs the embedding's evidence against the
+    structure's (None: structure alone)."""
+    if given_m and query.footprint_tolerance > 0:
+        return structure_rerank(info, image, cands, given_m, yaw_deg, cfg, span=1.0 + query.footprint_tolerance,
+                                tile_scores=spread, upward=cfg.upward)
+    return structure_rerank(info, image, cands, chosen_m, yaw_deg, cfg, tile_scores=spread)
 
 
 def locate_photo(raster: str, photo: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),

@@ -58,10 +58,19 @@ class StructureConfig:
     heading_spread_deg: float = 15.0
     """With a known heading (EXIF), the headings tried are it and it +/- this (EXIF yaw is good to ~10 deg)."""
     span: float = 1.2
-    """Ground sizes tried: from footprint / span to footprint x span (the caller widens it to the footprint
-    tolerance: across years the embedding's choice of size is often a whole step of its ladder off)."""
+    """Ground sizes tried when no size was given: from footprint / span to footprint x span."""
+    upward: float = 1.25
+    """With a size given, the sizes tried run from its tolerance's bottom to its top x this: an analyst's
+    guess off by the whole tolerance still leaves the photo's own size (tilted and scattered a fifth either
+    way) in reach; with `size_bias` the extra large sizes cost no accuracy at the true size (bench
+    `cross_year`, footprint given x0.75)."""
     scale_step: float = 1.1
     """Ratio between consecutive sizes tried (the fit of the edges halves about 10 % off the true size)."""
+    size_bias: float = 0.5
+    """Each size's correlation is weighed by (size / footprint) ** size_bias before sizes are compared: a
+    smaller template fits some wrong window by chance more often (fewer pixels, more noise), so without it
+    a ladder reaching well below the true size placed photos at wrong places (cross-year dev views with the
+    footprint given x0.75: 25 % found without, 36 % with 0.5)."""
     smooth_px: float = 1.0
     """Gaussian blur before the gradient, in working pixels (noise and JPEG blocks are not structure)."""
     norm_px: float = 6.0
@@ -87,7 +96,8 @@ class Placement:
     """Where the photo's edge structure fits best near one candidate."""
 
     score: float
-    """Normalised correlation of edge orientations, -1..1 (0: unrelated, about 0.1-0.4: the right place)."""
+    """Normalised correlation of edge orientations weighed by size (`StructureConfig.size_bias`; 1 at the
+    footprint searched): 0 unrelated, about 0.1-0.4 the right place."""
     x: float
     """Photo centre, raster CRS."""
     y: float
@@ -97,13 +107,16 @@ class Placement:
     """Ground size found, as a multiple of the footprint searched."""
 
 
-def scale_ladder(span: float, step: float) -> tuple[float, ...]:
-    """Sizes from 1/span to span (multiples of the footprint), evenly spaced in log, at most `step` apart."""
-    span = max(1.0, float(span))
-    if span == 1.0:
+def scale_ladder(span: float, step: float, upward: float = 1.0) -> tuple[float, ...]:
+    """Sizes from 1/span to span x upward (multiples of the footprint), evenly spaced in log, at most `step`
+    apart; the footprint itself is always among them."""
+    span, upward = max(1.0, float(span)), max(1.0, float(upward))
+    if span * upward == 1.0:
         return (1.0,)
-    half = max(1, math.ceil(math.log(span) / math.log(step) - 1e-9))   # the footprint itself is always tried
-    return tuple(round(span ** (i / half), 4) for i in range(-half, half + 1))
+    down = max(1, math.ceil(math.log(span) / math.log(step) - 1e-9)) if span > 1.0 else 0
+    up = max(1, math.ceil(math.log(span * upward) / math.log(step) - 1e-9))
+    return tuple(round(span ** (i / down), 4) for i in range(-down, 0)) + tuple(
+        round((span * upward) ** (i / up), 4) for i in range(up + 1))
 
 
 def edge_field(grey: np.ndarray, smooth_px: float, norm_px: float, valid: np.ndarray | None = None) -> np.ndarray:
@@ -160,9 +173,9 @@ class StructureMatcher:
 
     def __init__(self, info: RasterInfo, photo: np.ndarray, footprint_m: float, yaw_deg: float | None = None,
                  cfg: StructureConfig = DEFAULT_STRUCTURE, dataset: rasterio.io.DatasetReader | None = None,
-                 span: float | None = None) -> None:
+                 span: float | None = None, upward: float = 1.0) -> None:
         self.info, self.cfg, self.footprint_m = info, cfg, float(footprint_m)
-        self.scales = scale_ladder(span or cfg.span, cfg.scale_step)
+        self.scales = scale_ladder(span or cfg.span, cfg.scale_step, upward)
         self.mx, self.my = info.gsd_x_m / abs(info.affine.a), info.gsd_y_m / abs(info.affine.e)
         self._own = dataset is None
         self.ds = dataset if dataset is not None else rasterio.open(info.path)
@@ -172,6 +185,7 @@ class StructureMatcher:
         else:
             headings = [(yaw_deg + d) % 360.0 for d in (-cfg.heading_spread_deg, 0.0, cfg.heading_spread_deg)]
         self.kinds = [(hd, s) for s in self.scales for hd in headings]
+        self._weight = torch.tensor([s ** cfg.size_bias for _, s in self.kinds], dtype=torch.float32)
         grey = cv2.cvtColor(np.ascontiguousarray(photo[..., :3]), cv2.COLOR_RGB2GRAY)
         self.fine = self._level(grey, cfg.photo_px, None)
         self.coarse = self._level(grey, cfg.photo_px // 2, self.fine.side // 2)
@@ -253,9 +267,10 @@ class StructureMatcher:
         return grey, valid, float(x0), float(y0)
 
     def _scores(self, level: _Level, grey: np.ndarray, valid: np.ndarray, kinds: list[int] | None) -> torch.Tensor:
-        """(K, side, side) normalised correlation of the templates `kinds` (None: all) with the window; -2 where
-        a placement is not allowed. The field is normalised locally, so the map's energy under a template is
-        taken as its area times the window's mean energy (one FFT per template instead of two)."""
+        """(K, side, side) normalised correlation of the templates `kinds` (None: all) with the window, weighed
+        by size (`size_bias`); -2 where a placement is not allowed. The field is normalised locally, so the
+        map's energy under a template is taken as its area times the window's mean energy (one FFT per
+        template instead of two)."""
         f = level.px / self.cfg.photo_px
         z = torch.from_numpy(edge_field(grey, self.cfg.smooth_px * f, self.cfg.norm_px * f, valid))
         kinds = list(range(len(self.kinds))) if kinds is None else kinds
@@ -264,7 +279,7 @@ class StructureMatcher:
         power = (z.real ** 2 + z.imag ** 2)[torch.from_numpy(valid)]
         mean = float(power.mean()) if power.numel() else 0.0
         den = level.t_norm[sel] * torch.sqrt((level.area[sel] * mean).clamp_min(1e-6)) + 1e-6
-        return (num / den[:, None, None]).masked_fill_(~level.allowed[sel], -2.0)
+        return (num * (self._weight[sel] / den)[:, None, None]).masked_fill_(~level.allowed[sel], -2.0)
 
     def place(self, cx: float, cy: float) -> Placement | None:
         """The best placement of the photo within `search` footprints of (cx, cy); None off the raster."""
@@ -317,7 +332,8 @@ def footprint_ring(p: Placement, footprint_m: float, aspect: float, mx: float, m
 def structure_rerank(info: RasterInfo, photo: np.ndarray, candidates: list[Candidate], footprint_m: float,
                      yaw_deg: float | None = None, cfg: StructureConfig = DEFAULT_STRUCTURE,
                      dataset: rasterio.io.DatasetReader | None = None, span: float | None = None,
-                     tile_scores: tuple[float, float] | None = None) -> tuple[list[Candidate], float]:
+                     tile_scores: tuple[float, float] | None = None, upward: float = 1.0
+                     ) -> tuple[list[Candidate], float]:
     """The first cfg.top_k candidates re-scored by edge structure and re-ranked; (candidates, seconds).
 
     The order is by structure score plus cfg.embedding_weight x the candidate's embedding score in standard
@@ -331,7 +347,7 @@ def structure_rerank(info: RasterInfo, photo: np.ndarray, candidates: list[Candi
     head, tail = candidates[:cfg.top_k], candidates[cfg.top_k:]
     placed: list[tuple[float, Candidate]] = []
     rest: list[Candidate] = []
-    with StructureMatcher(info, photo, footprint_m, yaw_deg, cfg, dataset, span) as m:
+    with StructureMatcher(info, photo, footprint_m, yaw_deg, cfg, dataset, span, upward) as m:
         results = [(c, m.place(c.x, c.y)) for c in head]
     median, std = tile_scores if tile_scores and tile_scores[1] > 0 else (0.0, 0.0)
 

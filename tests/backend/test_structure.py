@@ -27,6 +27,7 @@ from model_backend.locate.structure import (
     StructureMatcher,
     edge_field,
     footprint_ring,
+    scale_ladder,
     structure_rerank,
 )
 
@@ -118,6 +119,32 @@ def test_known_heading_narrows_the_search(naip):
     assert p is not None and p.score > 0.3          # the map's own year: a strong fit
     assert math.hypot(p.x - v.spec.cx, p.y - v.spec.cy) < 0.1 * FP
     assert abs((p.heading_deg - v.spec.heading_deg + 180.0) % 360.0 - 180.0) <= DEFAULT_STRUCTURE.heading_spread_deg
+
+
+def test_the_ladder_reaches_beyond_a_size_given_too_small():
+    sizes = scale_ladder(1.3, 1.1, DEFAULT_STRUCTURE.upward)
+    assert 1.0 in sizes and sizes[0] == pytest.approx(1 / 1.3, abs=1e-3) and sizes[-1] == pytest.approx(1.625, abs=1e-3)
+    assert max(b / a for a, b in zip(sizes, sizes[1:])) <= 1.1 + 1e-3
+    assert scale_ladder(1.2, 1.1) == tuple(sorted(scale_ladder(1.2, 1.1)))  # no size given: symmetric, as before
+    assert scale_ladder(1.2, 1.1)[0] == pytest.approx(1 / 1.2, abs=1e-3) and scale_ladder(1.0, 1.1) == (1.0,)
+
+
+def test_a_photo_larger_than_the_size_given_is_placed_at_its_own_size(naip):
+    """The analyst guessed the footprint a third too small: the photo covers 1.45 x the size given. The
+    re-rank as locate runs it (the given size's tolerance and `upward`) finds its place and its size."""
+    info = open_raster(naip[2015])
+    v = make_views(naip[2015], 1, FP, 13, margin_m=150, region=EAST, max_tilt_deg=0.0, photometric=False,
+                   scale_range=(1.0, 1.0))[0]
+    given = FP / 1.45
+    rng = np.random.default_rng(3)
+    places = [(v.spec.cx + 0.2 * FP, v.spec.cy - 0.1 * FP), *_decoys(info, v.spec.cx, v.spec.cy, rng, 3)]
+    cands = [_cand(i + 1, *xy) for i, xy in enumerate(reversed(places))]  # the true place offered last
+    out, _ = structure_rerank(info, v.image, cands, given, span=1.3, upward=DEFAULT_STRUCTURE.upward)
+    best = out[0]
+    assert best.tile_x == pytest.approx(places[0][0]) and best.structure is not None
+    assert math.hypot(best.x - v.spec.cx, best.y - v.spec.cy) < 0.15 * FP
+    short = math.sqrt(Polygon(best.polygon).area / (640 / 480))  # the ring's short side (UTM: metres)
+    assert 0.9 * FP < short < 1.1 * FP, short
 
 
 def test_a_candidate_off_the_raster_keeps_its_tile(naip):
