@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from model_backend.learn.labels import ResolvedLabel
 from model_backend.locate.candidates import Candidate, select_candidates
 from model_backend.locate.pipeline import best_footprint, rerank_by_structure
 from model_backend.locate.query import photo_queries
-from model_backend.locate.structure import DEFAULT_STRUCTURE
+from model_backend.locate.structure import StructureConfig
 from model_backend.nn.embedder import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ class PseudoConfig:
     """Structure score (normalised correlation of edge orientations) the first place needs."""
     min_margin: float = 0.05
     """...and by how much it must beat the next distinct place."""
+    structure: StructureConfig = field(default_factory=lambda: StructureConfig(upward=1.0, size_bias=0.0))
+    """The re-rank as it was when the thresholds above were set (sizes within the footprint's tolerance,
+    unweighed): about half the cost of locate's, whose wider ladder would push 40 photos past the budget,
+    and whose weighed scores the thresholds were not calibrated on."""
 
 
 DEFAULT_PSEUDO = PseudoConfig()
@@ -100,11 +104,11 @@ def pseudo_labels(info: RasterInfo, photos: list[str], net: EmbeddingModel, inde
             continue
         tried += 1
         found = best_footprint(indexes, photo_queries(net, image, yaw, query.rotations))
-        cands = select_candidates(found.scores, DEFAULT_STRUCTURE.top_k, query.nms_iou)
+        cands = select_candidates(found.scores, cfg.structure.top_k, query.nms_iou)
         if not cands:
             continue
         cands, _ = rerank_by_structure(info, image, cands, found.footprint_m, footprint_m, query, yaw,
-                                       found.scores.spread())
+                                       found.scores.spread(), cfg.structure)
         best = cands[0]
         if best.structure is None or best.tile_x is None:  # the re-rank could not place its first candidate
             continue
