@@ -18,8 +18,8 @@ The embedding still chooses where to look (its top candidates) and keeps its say
 (`StructureConfig.embedding_weight`); a candidate whose structure score is no better than chance keeps
 its embedding order.
 
-Cost: coarse to fine FFT correlations, batched in torch: about 0.35 s to turn the photo, then 0.05 s
-per candidate on two cores (~1.3 s a photo).
+Cost: coarse to fine FFT correlations, batched in torch, on two cores: ~1.3 s a photo with no size
+given, ~2.8 s with one (a longer size ladder, see `StructureConfig.upward`).
 """
 
 from __future__ import annotations
