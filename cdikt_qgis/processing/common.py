@@ -124,8 +124,8 @@ def engine_errors() -> Iterator[None]:
 def import_engine() -> None:
     """Import torch and the engine now, so a missing torch is install advice rather than a traceback."""
     try:
-        import torchvision  # noqa: F401 (the model needs it; a broken install should fail here, clearly)
-
+        # Not torchvision: the default model does without it (`nn.mobilenet`), and its import alone costs
+        # seconds; the architectures that need it (timm's) say so when they are loaded.
         import model_backend.locate.pipeline  # noqa: F401 (imports torch)
     except ImportError as exc:
         missing = (getattr(exc, "name", "") or "").split(".")[0]

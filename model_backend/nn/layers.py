@@ -28,9 +28,9 @@ class GeM(nn.Module):
 class MobileNetV2Embedder(nn.Module):
     def __init__(self, pooling: str = "gem") -> None:
         super().__init__()
-        import torchvision
+        from model_backend.nn.mobilenet import mobilenet_v2_features
 
-        self.features = torchvision.models.mobilenet_v2(weights=None).features
+        self.features = mobilenet_v2_features()
         self.pool: nn.Module = GeM() if pooling == "gem" else nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

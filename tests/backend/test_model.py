@@ -86,6 +86,38 @@ def test_deepsort_keys_map_onto_torchvision_features(default_state) -> None:
         assert sk.rsplit(".", 1)[-1] == dk.rsplit(".", 1)[-1], (sk, dk)
 
 
+def test_our_mobilenet_features_are_torchvisions_layer_for_layer(default_state, tiles: np.ndarray) -> None:
+    """`nn.mobilenet` stands in for torchvision's MobileNetV2 (whose import costs seconds): the same keys and
+    shapes, and with the same tensors the same feature maps."""
+    import torchvision
+
+    from model_backend.nn.mobilenet import mobilenet_v2_features
+
+    ours, theirs = mobilenet_v2_features().eval(), torchvision.models.mobilenet_v2(weights=None).features.eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    state = map_deepsort_keys(default_state[0], theirs.state_dict())
+    ours.load_state_dict(state)
+    theirs.load_state_dict(state)
+    x = torch.from_numpy(tiles[:2]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_loading_and_running_the_default_model_imports_no_torchvision(tmp_path: Path) -> None:
+    """A fresh interpreter, as a CLI run or QGIS's first Locate starts: torchvision stays out (~2.5 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from model_backend.nn.embedder import EmbeddingModel; "
+            "m = EmbeddingModel.load(None, 'cpu', runtime='torch'); "
+            "m.embed(m.normalise(np.zeros((1, 224, 224, 3), np.uint8))); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torchvision', 'timm')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 def test_mapping_refuses_a_changed_shape_or_count(default_state) -> None:
     state, target = default_state
     keys = list(state)

@@ -53,7 +53,8 @@ class Backbone(nn.Module):
 
 
 class MobileNetV2Backbone(Backbone):
-    """torchvision MobileNetV2 `features` + GeM: the same graph as `model.MobileNetV2Embedder`.
+    """MobileNetV2 `features` (`nn.mobilenet`, torchvision's layout) + GeM: the same graph as
+    `layers.MobileNetV2Embedder`.
 
     Same module names (`features.*`) and same pooling, so the default deep-sort weights give the
     same embeddings here as in the engine's default model, bit for bit.
@@ -61,11 +62,11 @@ class MobileNetV2Backbone(Backbone):
 
     def __init__(self, pooling: str = "gem") -> None:
         super().__init__()
-        import torchvision
+        from model_backend.nn.mobilenet import mobilenet_v2_features
 
         if pooling not in ("gem", "avg"):
             raise InputError(f"MobileNetV2 supports pooling 'gem' or 'avg', not {pooling!r}.")
-        self.features = torchvision.models.mobilenet_v2(weights=None).features
+        self.features = mobilenet_v2_features()
         self.pool: nn.Module = GeM() if pooling == "gem" else nn.AdaptiveAvgPool2d(1)
         self.name, self.pooling, self.feat_dim, self.map_stride = TORCHVISION_MOBILENET, pooling, 1280, 32
         self.input_size, self.mean, self.std = 224, IMAGENET_MEAN, IMAGENET_STD
